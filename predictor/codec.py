@@ -1,0 +1,178 @@
+"""KServe V1 and V2 (Open Inference Protocol) payloads <-> validated transactions.
+
+Everything a client can get wrong is checked here, before the model sees a row: body
+shape, V2 tensor names, datatypes, shapes and lengths, and (through the shared pydantic
+model) every field rule. KServe's own `as_dataframe()` is not used because it ignores
+datatypes and NaN-pads tensors of unequal length.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+
+from predictor.schema import (
+    FIELD_ORDER,
+    InvalidTransactions,
+    Transaction,
+    validate_transactions,
+)
+
+#: V2 input tensors: one per transaction field, shape [n].
+V2_INPUTS: dict[str, str] = {
+    "amount": "FP64",
+    "timestamp": "BYTES",
+    "merchant_category": "BYTES",
+    "card_present": "BOOL",
+    "distance_from_home_km": "FP64",
+    "transactions_last_24h": "INT64",
+    "customer_age": "INT64",
+    "account_age_days": "INT64",
+}
+V2_OUTPUTS: dict[str, str] = {"fraud_probability": "FP64", "is_fraud": "BOOL"}
+assert tuple(V2_INPUTS) == FIELD_ORDER
+
+
+def tensor_metadata(tensors: dict[str, str]) -> list[dict[str, Any]]:
+    """V2 metadata entries; -1 marks the batch dimension."""
+    return [{"name": name, "datatype": dtype, "shape": [-1]} for name, dtype in tensors.items()]
+
+
+def _check_rows(count: int, where: str, max_rows: int) -> None:
+    if count == 0:
+        raise InvalidInput(f"{where}: must hold at least one transaction")
+    if count > max_rows:
+        raise InvalidInput(f"{where}: {count} rows exceed the limit of {max_rows} (MAX_BATCH_ROWS)")
+
+
+def decode_v1(body: Any, max_rows: int) -> list[Transaction]:
+    """``{"instances": [...]}`` with objects, or lists in FIELD_ORDER, -> transactions."""
+    if isinstance(body, bytes | bytearray | str):
+        # KServe leaves the body undecoded unless Content-Type is exactly a JSON type.
+        try:
+            body = orjson.loads(body)
+        except orjson.JSONDecodeError as error:
+            raise InvalidInput(f"request body is not valid JSON ({error})") from None
+    if not isinstance(body, dict):
+        raise InvalidInput('request body must be a JSON object like {"instances": [...]}')
+    unknown = sorted(set(body) - {"instances"})
+    if unknown:
+        raise InvalidInput(f"unknown top-level key(s) {unknown}; expected only 'instances'")
+    if "instances" not in body:
+        raise InvalidInput("instances: field required")
+    instances = body["instances"]
+    if not isinstance(instances, list):
+        raise InvalidInput("instances: must be a list of transactions")
+    _check_rows(len(instances), "instances", max_rows)
+    rows: list[Any] = []
+    for index, instance in enumerate(instances):
+        if isinstance(instance, list):
+            if len(instance) != len(FIELD_ORDER):
+                raise InvalidInput(
+                    f"instances[{index}]: a list row needs {len(FIELD_ORDER)} values in the "
+                    f"order {', '.join(FIELD_ORDER)}; got {len(instance)}"
+                )
+            instance = dict(zip(FIELD_ORDER, instance, strict=True))
+        elif not isinstance(instance, dict):
+            raise InvalidInput(
+                f"instances[{index}]: must be an object or a list of {len(FIELD_ORDER)} values"
+            )
+        rows.append(instance)
+    try:
+        return validate_transactions(rows)
+    except InvalidTransactions as error:
+        raise InvalidInput(str(error)) from None
+
+
+def _tensor_location(loc: tuple[int | str, ...]) -> str:
+    """``input 'amount'[3]`` for pydantic's ``(3, "amount")``."""
+    if len(loc) >= 2:
+        return f"input {loc[1]!r}[{loc[0]}]"
+    return f"row {loc[0]}" if loc else "inputs"
+
+
+def decode_v2(request: InferRequest, max_rows: int) -> list[Transaction]:
+    """One tensor per field, datatype and shape [n] as in the metadata -> transactions."""
+    inputs = request.inputs or []
+    names = [tensor.name for tensor in inputs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise InvalidInput(f"inputs: duplicate tensor(s) {duplicates}")
+    unknown = sorted(set(names) - set(V2_INPUTS))
+    if unknown:
+        raise InvalidInput(f"inputs: unknown tensor(s) {unknown}; expected {list(V2_INPUTS)}")
+    missing = [name for name in V2_INPUTS if name not in names]
+    if missing:
+        raise InvalidInput(f"inputs: missing tensor(s) {missing}")
+    columns: dict[str, Sequence[Any]] = {}
+    length: int | None = None
+    for tensor in inputs:
+        expected = V2_INPUTS[tensor.name]
+        if tensor.datatype != expected:
+            raise InvalidInput(
+                f"input {tensor.name!r}: datatype must be {expected}, got {tensor.datatype}"
+            )
+        shape = list(tensor.shape or [])
+        if len(shape) != 1:
+            raise InvalidInput(f"input {tensor.name!r}: shape must be [n], got {shape}")
+        data = tensor.data
+        if not isinstance(data, list):
+            raise InvalidInput(
+                f"input {tensor.name!r}: data must be a JSON list (binary tensors are not accepted)"
+            )
+        if len(data) != shape[0]:
+            raise InvalidInput(
+                f"input {tensor.name!r}: shape {shape} but {len(data)} data elements"
+            )
+        if any(isinstance(item, list) for item in data):
+            raise InvalidInput(f"input {tensor.name!r}: data must be flat for shape [n]")
+        if length is None:
+            length = shape[0]
+        elif shape[0] != length:
+            raise InvalidInput(
+                f"inputs: all tensors need the same length; {tensor.name!r} has {shape[0]}, "
+                f"{inputs[0].name!r} has {length}"
+            )
+        columns[tensor.name] = data
+    _check_rows(length or 0, "inputs", max_rows)
+    ordered = [columns[name] for name in FIELD_ORDER]
+    rows = [dict(zip(FIELD_ORDER, values, strict=True)) for values in zip(*ordered, strict=True)]
+    try:
+        return validate_transactions(rows, locate=_tensor_location)
+    except InvalidTransactions as error:
+        raise InvalidInput(str(error)) from None
+
+
+def encode_v1(probabilities: np.ndarray, decisions: np.ndarray, version: str) -> dict[str, Any]:
+    return {
+        "predictions": [
+            {"fraud_probability": p, "is_fraud": d}
+            for p, d in zip(probabilities.tolist(), decisions.tolist(), strict=True)
+        ],
+        "model_version": version,
+    }
+
+
+def encode_v2(
+    request: InferRequest,
+    model_name: str,
+    probabilities: np.ndarray,
+    decisions: np.ndarray,
+    version: str,
+) -> InferResponse:
+    rows = len(probabilities)
+    return InferResponse(
+        response_id=request.id or str(uuid.uuid4()),
+        model_name=model_name,
+        model_version=version,
+        infer_outputs=[
+            InferOutput("fraud_probability", [rows], "FP64", probabilities.tolist()),
+            InferOutput("is_fraud", [rows], "BOOL", decisions.tolist()),
+        ],
+    )

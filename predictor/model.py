@@ -1,0 +1,136 @@
+"""The KServe model: one fraud estimator from the MLflow registry, served over V1 and V2."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from kserve import Model
+from kserve.errors import InferenceError
+from kserve.protocol.infer_type import InferRequest, InferResponse
+from mlflow import MlflowClient
+
+from predictor import codec, registry
+from predictor.features import build_features
+from predictor.settings import Settings
+
+logger = logging.getLogger("predictor.model")
+
+MODEL_VERSION_HEADER = "x-model-version"
+
+
+@dataclass(frozen=True)
+class Serving:
+    """The estimator and the threshold it is judged by, swapped in together."""
+
+    loaded: registry.LoadedModel
+    threshold: float
+
+    @property
+    def version(self) -> str:
+        return self.loaded.ref.version
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A validated request: its feature matrix and, for V2, the request to answer."""
+
+    features: np.ndarray
+    v2_request: InferRequest | None
+
+
+class FraudModel(Model):
+    """Scores card transactions with the registry's model; `load()` pins one version."""
+
+    def __init__(self, name: str, settings: Settings):
+        super().__init__(name, return_response_headers=True)
+        self.settings = settings
+        self._serving: Serving | None = None
+
+    @property
+    def serving(self) -> Serving | None:
+        return self._serving
+
+    def load(self) -> bool:
+        """Resolve MODEL_URI to a version, load it into memory and start serving it."""
+        tracking_uri = self.settings.tracking_uri
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        ref = registry.resolve(client, self.settings.model_uri)
+        self.serve(registry.load(ref, tracking_uri))
+        return self.ready
+
+    def serve(self, loaded: registry.LoadedModel) -> None:
+        """Make `loaded` the model that answers; one assignment, so requests never mix."""
+        threshold = self.settings.decision_threshold
+        source = "DECISION_THRESHOLD"
+        if threshold is None:
+            threshold, source = loaded.ref.threshold, f"tag {registry.THRESHOLD_TAG}"
+        if threshold is None:
+            raise registry.ModelLoadError(
+                f"{loaded.ref.download_uri} has no {registry.THRESHOLD_TAG} tag; "
+                "set DECISION_THRESHOLD or tag the version"
+            )
+        self._serving = Serving(loaded=loaded, threshold=threshold)
+        self.ready = True
+        ref = loaded.ref
+        logger.info(
+            "model loaded: %s version %s (uri %s, run %s), threshold %.4f from %s",
+            ref.name or "run",
+            ref.version,
+            ref.uri,
+            ref.run_id,
+            threshold,
+            source,
+        )
+
+    async def preprocess(
+        self, payload: dict | InferRequest, headers: dict[str, str] | None = None
+    ) -> Batch:
+        """Validate the whole batch and build its features, off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self._decode, payload)
+
+    def _decode(self, payload: Any) -> Batch:
+        max_rows = self.settings.max_batch_rows
+        if isinstance(payload, InferRequest):
+            return Batch(build_features(codec.decode_v2(payload, max_rows)), payload)
+        return Batch(build_features(codec.decode_v1(payload, max_rows)), None)
+
+    async def predict(
+        self,
+        payload: Batch,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
+    ) -> dict | InferResponse:
+        """Score in the thread pool with one version, and say which version answered."""
+        serving = self._serving  # read once: the whole request is answered by this version
+        if serving is None:
+            raise InferenceError("no model is loaded")
+        loop = asyncio.get_running_loop()
+        try:
+            probabilities = await loop.run_in_executor(
+                None, _fraud_probability, serving.loaded.estimator, payload.features
+            )
+        except Exception as error:
+            raise InferenceError(f"model version {serving.version} failed: {error}") from error
+        decisions = probabilities >= serving.threshold
+        if response_headers is not None:
+            response_headers[MODEL_VERSION_HEADER] = serving.version
+        if payload.v2_request is not None:
+            return codec.encode_v2(
+                payload.v2_request, self.name, probabilities, decisions, serving.version
+            )
+        return codec.encode_v1(probabilities, decisions, serving.version)
+
+    def get_input_types(self) -> list[dict]:
+        return codec.tensor_metadata(codec.V2_INPUTS)
+
+    def get_output_types(self) -> list[dict]:
+        return codec.tensor_metadata(codec.V2_OUTPUTS)
+
+
+def _fraud_probability(estimator: Any, features: np.ndarray) -> np.ndarray:
+    return estimator.predict_proba(features)[:, 1]

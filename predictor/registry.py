@@ -1,0 +1,205 @@
+"""MLflow registry access: resolve a model URI to a concrete version and load it safely.
+
+Loading does not go through `mlflow.pyfunc.load_model`: mlflow takes the skops
+trusted-type list from the model's own MLmodel file, so whoever can write to the registry
+could whitelist any type. Here the server's own list (`TRUSTED_TYPES`) decides, and a
+model that needs anything else is refused before any of its code can run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import skops.io
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+from predictor.features import FEATURE_NAMES
+
+logger = logging.getLogger("predictor.registry")
+
+THRESHOLD_TAG = "decision_threshold"
+#: Types the server accepts in a skops file beyond skops' own defaults (sklearn estimators,
+#: numpy arrays). HistGradientBoosting keeps its fitted trees and a bound input checker.
+TRUSTED_TYPES: list[str] = [
+    "functools.partial",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.utils.validation.check_array",
+]
+_ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
+_VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
+_RUN_URI = re.compile(r"^runs:/(?P<run_id>[0-9a-zA-Z]+)/(?P<path>.+)$")
+
+
+class ModelLoadError(Exception):
+    """The model cannot be served; the message says why (missing, unsafe, mismatched)."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a served model came from: always a concrete version, never just an alias."""
+
+    uri: str
+    download_uri: str
+    name: str | None
+    version: str
+    alias: str | None
+    run_id: str | None
+    threshold: float | None
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """An estimator in memory and everything needed to answer and to explain answers."""
+
+    ref: ModelRef
+    estimator: Any
+    input_example: np.ndarray | None
+
+
+def configure_http(timeout_seconds: float, max_retries: int = 0) -> None:
+    """Bound MLflow's HTTP calls; its defaults (120 s timeout, 7 retries) stall for minutes."""
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, round(timeout_seconds)))
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(max_retries)
+
+
+def is_missing(error: MlflowException) -> bool:
+    return error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+
+
+def alias_of(model_uri: str) -> tuple[str, str] | None:
+    """(name, alias) for a `models:/<name>@<alias>` URI, else None."""
+    match = _ALIAS_URI.match(model_uri)
+    return (match["name"], match["alias"]) if match else None
+
+
+def resolve(client: MlflowClient, model_uri: str) -> ModelRef:
+    """Pin a model URI to one registered version (or run) with its decision threshold."""
+    if match := _ALIAS_URI.match(model_uri):
+        version = client.get_model_version_by_alias(match["name"], match["alias"])
+        return _version_ref(model_uri, version, alias=match["alias"])
+    if match := _VERSION_URI.match(model_uri):
+        version = client.get_model_version(match["name"], match["version"])
+        return _version_ref(model_uri, version, alias=None)
+    if match := _RUN_URI.match(model_uri):
+        run = client.get_run(match["run_id"])
+        threshold = run.data.params.get(THRESHOLD_TAG)
+        return ModelRef(
+            uri=model_uri,
+            download_uri=model_uri,
+            name=None,
+            version=f"run-{match['run_id'][:12]}",
+            alias=None,
+            run_id=match["run_id"],
+            threshold=float(threshold) if threshold is not None else None,
+        )
+    raise ModelLoadError(f"unsupported model URI {model_uri!r}")
+
+
+def _version_ref(model_uri: str, version: Any, alias: str | None) -> ModelRef:
+    threshold = version.tags.get(THRESHOLD_TAG)
+    return ModelRef(
+        uri=model_uri,
+        download_uri=f"models:/{version.name}/{version.version}",
+        name=version.name,
+        version=str(version.version),
+        alias=alias,
+        run_id=version.run_id,
+        threshold=float(threshold) if threshold is not None else None,
+    )
+
+
+def load(ref: ModelRef, tracking_uri: str) -> LoadedModel:
+    """Download the version's artifacts to a temporary directory, load, check, discard files."""
+    with tempfile.TemporaryDirectory(prefix="fraud-model-") as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=ref.download_uri,
+            dst_path=tmp,
+            tracking_uri=tracking_uri,
+            registry_uri=tracking_uri,
+        )
+        return load_local(ref, Path(local))
+
+
+def load_local(ref: ModelRef, model_dir: Path) -> LoadedModel:
+    """Load an MLflow sklearn model directory with the server's trusted types, then check it."""
+    try:
+        mlmodel = Model.load(str(model_dir))
+    except (OSError, MlflowException) as error:
+        raise ModelLoadError(f"{ref.download_uri} has no readable MLmodel file: {error}") from None
+    flavor = mlmodel.flavors.get("sklearn")
+    if flavor is None:
+        raise ModelLoadError(f"{ref.download_uri} is not a scikit-learn model")
+    if flavor.get("serialization_format") != "skops":
+        raise ModelLoadError(
+            f"{ref.download_uri} is serialized as {flavor.get('serialization_format')!r}; "
+            "only 'skops' is accepted (pickle formats can run code when loaded)"
+        )
+    model_file = model_dir / flavor["pickled_model"]
+    untrusted = [
+        t for t in skops.io.get_untrusted_types(file=model_file) if t not in TRUSTED_TYPES
+    ]
+    if untrusted:
+        raise ModelLoadError(
+            f"{ref.download_uri} contains types the server does not trust: {', '.join(untrusted)}"
+        )
+    estimator = skops.io.load(model_file, trusted=TRUSTED_TYPES)
+    check_signature(mlmodel)
+    example = _input_example(mlmodel, model_dir)
+    if example is not None:
+        try:
+            probabilities = estimator.predict_proba(example)
+        except Exception as error:  # the model's own code failed on its own example
+            raise ModelLoadError(
+                f"{ref.download_uri} failed to predict its input example: {error}"
+            ) from None
+        if probabilities.shape != (len(example), 2) or not np.isfinite(probabilities).all():
+            raise ModelLoadError(
+                f"{ref.download_uri} returned {probabilities.shape} probabilities for "
+                f"{len(example)} example rows; expected ({len(example)}, 2), all finite"
+            )
+    return LoadedModel(ref=ref, estimator=estimator, input_example=example)
+
+
+def check_signature(mlmodel: Model) -> None:
+    """The model's input signature must be exactly the feature frame this server builds."""
+    if mlmodel.signature is None:
+        raise ModelLoadError("the model has no signature; log it with the feature frame schema")
+    expected = [(name, "double") for name in FEATURE_NAMES]
+    actual = [
+        (spec.name, getattr(spec.type, "name", str(spec.type)))
+        for spec in mlmodel.signature.inputs.inputs
+    ]
+    if actual != expected:
+        missing = [f"{n}:{t}" for n, t in expected if (n, t) not in actual]
+        unexpected = [f"{n}:{t}" for n, t in actual if (n, t) not in expected]
+        detail = []
+        if missing:
+            detail.append(f"missing {', '.join(missing)}")
+        if unexpected:
+            detail.append(f"unexpected {', '.join(unexpected)}")
+        if not detail:
+            detail.append("same columns in a different order")
+        raise ModelLoadError(
+            "model signature does not match the server's features: " + "; ".join(detail)
+        )
+
+
+def _input_example(mlmodel: Model, model_dir: Path) -> np.ndarray | None:
+    if mlmodel.saved_input_example_info is None:
+        return None
+    example = mlmodel.load_input_example(str(model_dir))
+    frame = example if hasattr(example, "columns") else None
+    if frame is None:
+        return np.asarray(example, dtype=np.float64)
+    return frame[list(FEATURE_NAMES)].to_numpy(dtype=np.float64)

@@ -1,0 +1,125 @@
+"""The transaction a client sends: one pydantic model holds every rule.
+
+Training validates its data with the same model, so a row the server would reject can
+never be learned from, and the error messages name the field and the broken rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+
+#: Merchant categories the model knows. Anything else is accepted and scored as "other".
+KNOWN_MERCHANT_CATEGORIES: tuple[str, ...] = (
+    "grocery",
+    "restaurant",
+    "gas_station",
+    "pharmacy",
+    "utilities",
+    "entertainment",
+    "travel",
+    "online_retail",
+    "electronics",
+    "jewelry",
+    "gambling",
+    "money_transfer",
+    "other",
+)
+OTHER_CATEGORY = "other"
+
+# Strict numbers: integers are fine for a float field, but "12.5" and true are refused.
+Amount = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
+NonNegativeNumber = Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]
+NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
+
+
+class Transaction(BaseModel):
+    """A card transaction as a client sends it; unknown fields are refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    amount: Amount = Field(description="Amount charged, in the card's currency; > 0.")
+    timestamp: AwareDatetime = Field(
+        description="ISO-8601 date-time with UTC offset; the local hour is the offset's."
+    )
+    merchant_category: Annotated[str, Field(strict=True, min_length=1, max_length=64)] = Field(
+        description="Merchant category; unknown categories are scored as 'other'."
+    )
+    card_present: StrictBool = Field(description="True when the card was physically present.")
+    distance_from_home_km: NonNegativeNumber = Field(
+        description="Distance between the point of sale and the cardholder's home, km."
+    )
+    transactions_last_24h: NonNegativeInt = Field(
+        description="Transactions on this card in the preceding 24 hours."
+    )
+    customer_age: Annotated[StrictInt, Field(ge=18, le=120)] = Field(
+        description="Cardholder age in years, 18-120."
+    )
+    account_age_days: NonNegativeInt = Field(description="Days since the account was opened.")
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _timestamp_is_text(cls, value: Any) -> Any:
+        """Refuse epoch numbers and other non-strings that pydantic would coerce."""
+        if not isinstance(value, str):
+            raise ValueError("must be an ISO-8601 date-time string with a UTC offset")
+        if "T" not in value and " " not in value:
+            raise ValueError("must be a date-time with hours and a UTC offset, not a date")
+        return value
+
+
+#: The documented field order for V1 rows sent as lists.
+FIELD_ORDER: tuple[str, ...] = tuple(Transaction.model_fields)
+
+_BATCH = TypeAdapter(list[Transaction])
+
+
+class InvalidTransactions(ValueError):
+    """A batch failed validation; the message names the row, the field and the rule."""
+
+
+Locate = Callable[[tuple[int | str, ...]], str]
+
+
+def instance_location(loc: tuple[int | str, ...]) -> str:
+    """``instances[3].amount`` for pydantic's ``(3, "amount")``."""
+    where = "instances"
+    for key in loc:
+        where += f"[{key}]" if isinstance(key, int) else f".{key}"
+    return where
+
+
+def format_validation_error(
+    error: ValidationError, locate: Locate = instance_location, max_errors: int = 5
+) -> str:
+    """Turn pydantic's errors into one line like ``instances[3].amount: must be > 0``."""
+    parts = []
+    for item in error.errors(include_url=False)[:max_errors]:
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{locate(item['loc'])}: {message}")
+    more = error.error_count() - max_errors
+    if more > 0:
+        parts.append(f"... and {more} more")
+    return "; ".join(parts)
+
+
+def validate_transactions(
+    rows: Sequence[Any], locate: Locate = instance_location
+) -> list[Transaction]:
+    """Validate a whole batch of mappings at once; raise with every problem named."""
+    try:
+        return _BATCH.validate_python(rows)
+    except ValidationError as error:
+        raise InvalidTransactions(format_validation_error(error, locate)) from None

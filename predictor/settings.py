@@ -1,0 +1,81 @@
+"""Configuration from the environment and `.env`; see `.env.example` for every variable."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_NAME = "fraud-detector"
+DEFAULT_ALIAS = "champion"
+MODEL_URI_PATTERN = re.compile(r"^(models:/[^/@]+(@[^/@]+|/\d+)|runs:/[0-9a-zA-Z]+/.+)$")
+
+
+class Settings(BaseSettings):
+    """Server settings. Field names are the environment variable names (case-insensitive)."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking/registry server. Unset: the embedded local store.",
+    )
+    model_uri: str = Field(default=f"models:/{DEFAULT_MODEL_NAME}@{DEFAULT_ALIAS}")
+    decision_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_batch_rows: int = Field(default=10_000, ge=1)
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    local_store_dir: Path = Field(default=Path("mlflow-local"))
+    model_load_timeout_seconds: float = Field(default=15.0, gt=0)
+
+    @field_validator("mlflow_tracking_uri", "decision_threshold", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("model_uri")
+    @classmethod
+    def _model_uri_shape(cls, value: str) -> str:
+        if not MODEL_URI_PATTERN.match(value):
+            raise ValueError(
+                "must look like models:/<name>@<alias>, models:/<name>/<version> "
+                "or runs:/<run_id>/<path>"
+            )
+        return value
+
+    @property
+    def uses_embedded_store(self) -> bool:
+        return self.mlflow_tracking_uri is None
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow URI actually used: the configured one or the embedded sqlite store."""
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return embedded_tracking_uri(self.local_store_dir)
+
+
+def embedded_tracking_uri(store_dir: Path) -> str:
+    return f"sqlite:///{store_dir.resolve() / 'mlflow.db'}"
+
+
+def embedded_artifact_location(store_dir: Path) -> str:
+    return (store_dir.resolve() / "artifacts").as_uri()
+
+
+class ConfigurationError(Exception):
+    """A setting is invalid; the message is one line naming the variable."""
+
+
+def load_settings() -> Settings:
+    """Read settings, turning pydantic's report into one line that names the variable."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        first = error.errors(include_url=False)[0]
+        variable = str(first["loc"][0]).upper() if first["loc"] else "configuration"
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigurationError(
+            f"invalid configuration: {variable}={first.get('input')!r}: {message}"
+        ) from None
