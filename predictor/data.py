@@ -183,9 +183,7 @@ def _parse_number(column: pd.Series, name: str, integer: bool) -> pd.Series:
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         kind = "an integer" if integer else "a number"
-        raise InvalidDataset(
-            f"column {name!r}, row {row + 1}: {column.iloc[row]!r} is not {kind}"
-        )
+        raise InvalidDataset(f"column {name!r}, row {row + 1}: {column.iloc[row]!r} is not {kind}")
     return numbers.astype(int) if integer else numbers.astype(float)
 
 

@@ -146,9 +146,7 @@ def load_local(ref: ModelRef, model_dir: Path) -> LoadedModel:
             "only 'skops' is accepted (pickle formats can run code when loaded)"
         )
     model_file = model_dir / flavor["pickled_model"]
-    untrusted = [
-        t for t in skops.io.get_untrusted_types(file=model_file) if t not in TRUSTED_TYPES
-    ]
+    untrusted = [t for t in skops.io.get_untrusted_types(file=model_file) if t not in TRUSTED_TYPES]
     if untrusted:
         raise ModelLoadError(
             f"{ref.download_uri} contains types the server does not trust: {', '.join(untrusted)}"

@@ -263,9 +263,7 @@ def train_and_register(
     threshold = choose_threshold(splits.y_val, model.predict_proba(splits.x_val)[:, 1])
     test_scores = model.predict_proba(splits.x_test)[:, 1]
     metrics = evaluate(splits.y_test, test_scores, threshold)
-    log(
-        "test: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-    )
+    log("test: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
     import mlflow
     from mlflow import MlflowClient
@@ -283,9 +281,10 @@ def train_and_register(
     example = feature_frame(splits.x_test[:5])
     signature = infer_signature(example, model.predict_proba(example.to_numpy()))
     params = {k: v for k, v in asdict(config).items() if v is not None}
-    with step(log, "logging the run and registering the model"), mlflow.start_run(
-        experiment_id=experiment_id
-    ) as run:
+    with (
+        step(log, "logging the run and registering the model"),
+        mlflow.start_run(experiment_id=experiment_id) as run,
+    ):
         mlflow.log_params({**params, registry.THRESHOLD_TAG: threshold})
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
         figures = plots(splits.y_test, test_scores, threshold)

@@ -126,57 +126,76 @@ class Predictor:
         return self.log_path.read_text(errors="replace")
 
 
+def launch_predictor(
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    args: list[str] | None = None,
+    wait_ready: bool = True,
+    timeout: float = 120,
+) -> Predictor:
+    """`python -m predictor` in `workdir` (so no .env from the repository leaks in)."""
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"predictor-{port}.log"
+    base_env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"MLFLOW_TRACKING_URI", "MODEL_URI", "DECISION_THRESHOLD"}
+    }
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "predictor",
+            "--http_port",
+            str(port),
+            "--enable_grpc",
+            "false",
+            *(args or []),
+        ],
+        cwd=workdir,
+        env={**base_env, "PYTHONPATH": str(ROOT), **(env or {})},
+        stdout=open(log_path, "wb"),  # noqa: SIM115 - lives with the process
+        stderr=subprocess.STDOUT,
+    )
+    predictor = Predictor(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+    if wait_ready:
+        try:
+            wait_for(f"{predictor.url}/v2/health/ready", timeout=timeout, process=process)
+        except Exception as error:
+            stop(process)
+            raise RuntimeError(f"{error}\n--- predictor log ---\n{predictor.log()}") from None
+    return predictor
+
+
 PredictorFactory = Callable[..., Predictor]
 
 
 @pytest.fixture
 def start_predictor(tmp_path: Path) -> Iterator[PredictorFactory]:
-    """Start `python -m predictor` as a real process; every process is stopped afterwards."""
+    """Start predictors for one test; every one is stopped afterwards."""
     started: list[Predictor] = []
 
-    def start(
-        env: dict[str, str] | None = None,
-        args: list[str] | None = None,
-        wait_ready: bool = True,
-        timeout: float = 120,
-        cwd: Path | None = None,
-    ) -> Predictor:
-        port = free_port()
-        workdir = cwd or tmp_path  # no .env from the repository leaks in
-        log_path = workdir / f"predictor-{port}.log"
-        base_env = {
-            key: value
-            for key, value in os.environ.items()
-            if key not in {"MLFLOW_TRACKING_URI", "MODEL_URI", "DECISION_THRESHOLD"}
-        }
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "predictor",
-                "--http_port",
-                str(port),
-                "--enable_grpc",
-                "false",
-                *(args or []),
-            ],
-            cwd=workdir,
-            env={**base_env, "PYTHONPATH": str(ROOT), **(env or {})},
-            stdout=open(log_path, "wb"),  # noqa: SIM115 - lives with the process
-            stderr=subprocess.STDOUT,
-        )
-        predictor = Predictor(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
-        started.append(predictor)
-        if wait_ready:
-            try:
-                wait_for(f"{predictor.url}/v2/health/ready", timeout=timeout, process=process)
-            except Exception as error:
-                raise RuntimeError(f"{error}\n--- predictor log ---\n{predictor.log()}") from None
-        return predictor
+    def start(**kwargs) -> Predictor:
+        kwargs.setdefault("workdir", tmp_path)
+        started.append(launch_predictor(**kwargs))
+        return started[-1]
 
     yield start
     for predictor in started:
         stop(predictor.process)
+
+
+@pytest.fixture(scope="session")
+def served(
+    mlflow_server: MlflowServer, champion: TrainingResult, tmp_path_factory
+) -> Iterator[Predictor]:
+    """One predictor serving fraud-detector@champion from the shared MLflow server."""
+    predictor = launch_predictor(
+        tmp_path_factory.mktemp("served"), env={"MLFLOW_TRACKING_URI": mlflow_server.url}
+    )
+    yield predictor
+    stop(predictor.process)
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,7 @@ def test_csv_round_trip(tmp_path):
     ("mutate", "message"),
     [
         (lambda f: f.drop(columns=["customer_age"]), "missing column(s) customer_age"),
-        (lambda f: f.assign(amount=["abc"] + list(f.amount[1:])), "'amount', row 1"),
+        (lambda f: f.assign(amount=["abc", *list(f.amount[1:])]), "'amount', row 1"),
         (lambda f: f.assign(card_present=["maybe"] * len(f)), "not a boolean"),
         (lambda f: f.assign(customer_age=[7] * len(f)), "row 1, column 'customer_age'"),
         (lambda f: f.assign(is_fraud=[2] * len(f)), "only 0 and 1"),

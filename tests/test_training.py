@@ -148,6 +148,16 @@ def test_help_documents_every_option():
         timeout=120,
     )
     assert result.returncode == 0
-    for option in ("--rows", "--fraud-rate", "--seed", "--csv", "--model-name", "--alias",
-                   "--experiment", "--force", "--max-iter", "--learning-rate"):
+    for option in (
+        "--rows",
+        "--fraud-rate",
+        "--seed",
+        "--csv",
+        "--model-name",
+        "--alias",
+        "--experiment",
+        "--force",
+        "--max-iter",
+        "--learning-rate",
+    ):
         assert option in result.stdout

@@ -1,0 +1,386 @@
+"""The predictor as a real process, fed by a real `mlflow server`, spoken to over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import requests
+from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+from mlflow import MlflowClient
+
+from predictor import registry
+from predictor.codec import V2_INPUTS
+from predictor.features import build_features
+from predictor.schema import FIELD_ORDER, validate_transactions
+
+MODEL = "fraud-detector"
+
+
+def v1_url(predictor, model: str = MODEL) -> str:
+    return f"{predictor.url}/v1/models/{model}:predict"
+
+
+def v2_url(predictor, model: str = MODEL) -> str:
+    return f"{predictor.url}/v2/models/{model}/infer"
+
+
+def v2_body(transactions: list[dict], request_id: str | None = None) -> dict:
+    body: dict = {
+        "inputs": [
+            {
+                "name": name,
+                "datatype": dtype,
+                "shape": [len(transactions)],
+                "data": [txn[name] for txn in transactions],
+            }
+            for name, dtype in V2_INPUTS.items()
+        ]
+    }
+    if request_id:
+        body["id"] = request_id
+    return body
+
+
+def in_process_probabilities(mlflow_url: str, transactions: list[dict]) -> np.ndarray:
+    client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
+    loaded = registry.load(registry.resolve(client, f"models:/{MODEL}@champion"), mlflow_url)
+    features = build_features(validate_transactions(transactions))
+    return loaded.estimator.predict_proba(features)[:, 1]
+
+
+def test_v1_objects_get_probability_decision_and_version(served, champion, example_transactions):
+    response = requests.post(v1_url(served), json={"instances": example_transactions[:3]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_version"] == champion.version
+    assert response.headers["x-model-version"] == champion.version
+    assert len(body["predictions"]) == 3
+    for prediction in body["predictions"]:
+        assert set(prediction) == {"fraud_probability", "is_fraud"}
+        assert 0.0 <= prediction["fraud_probability"] <= 1.0
+        assert isinstance(prediction["is_fraud"], bool)
+
+
+def test_v1_lists_in_field_order_answer_like_objects(served, example_transactions):
+    objects = example_transactions[:20]
+    rows = [[txn[name] for name in FIELD_ORDER] for txn in objects]
+    by_object = requests.post(v1_url(served), json={"instances": objects}).json()
+    by_list = requests.post(v1_url(served), json={"instances": rows}).json()
+    assert by_list["predictions"] == by_object["predictions"]
+
+
+def test_v2_infer_returns_typed_outputs_version_and_echoes_id(
+    served, champion, example_transactions
+):
+    transactions = example_transactions[:5]
+    response = requests.post(v2_url(served), json=v2_body(transactions, "req-42"))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["id"] == "req-42"
+    assert body["model_name"] == MODEL
+    assert body["model_version"] == champion.version
+    outputs = {output["name"]: output for output in body["outputs"]}
+    assert outputs["fraud_probability"]["datatype"] == "FP64"
+    assert outputs["fraud_probability"]["shape"] == [5]
+    assert outputs["is_fraud"]["datatype"] == "BOOL"
+    assert outputs["is_fraud"]["shape"] == [5]
+    v1 = requests.post(v1_url(served), json={"instances": transactions}).json()
+    assert outputs["fraud_probability"]["data"] == [
+        p["fraud_probability"] for p in v1["predictions"]
+    ]
+
+
+def test_v2_metadata_lists_exactly_the_inputs_and_outputs(served, champion):
+    body = requests.get(f"{served.url}/v2/models/{MODEL}").json()
+    assert body["name"] == MODEL
+    assert body["versions"] == [champion.version]
+    assert body["inputs"] == [
+        {"name": name, "datatype": dtype, "shape": [-1]} for name, dtype in V2_INPUTS.items()
+    ]
+    assert body["outputs"] == [
+        {"name": "fraud_probability", "datatype": "FP64", "shape": [-1]},
+        {"name": "is_fraud", "datatype": "BOOL", "shape": [-1]},
+    ]
+
+
+def test_health_endpoints_report_live_and_ready(served):
+    assert requests.get(f"{served.url}/v2/health/live").json() == {"live": True}
+    assert requests.get(f"{served.url}/v2/health/ready").json() == {"ready": True}
+    ready = requests.get(f"{served.url}/v2/models/{MODEL}/ready")
+    assert ready.json() == {"name": MODEL, "ready": True}
+    assert requests.get(f"{served.url}/v1/models/{MODEL}").json() == {"name": MODEL, "ready": True}
+    assert requests.get(f"{served.url}/v2/models/other/ready").status_code == 404
+
+
+def test_decision_uses_the_versions_threshold_tag(served, champion, example_transactions):
+    body = requests.post(v1_url(served), json={"instances": example_transactions}).json()
+    decisions = [p["is_fraud"] for p in body["predictions"]]
+    expected = [p["fraud_probability"] >= champion.threshold for p in body["predictions"]]
+    assert decisions == expected
+    assert any(decisions) and not all(decisions)
+
+
+def test_decision_threshold_setting_overrides_the_tag(
+    start_predictor, mlflow_server, champion, example_transactions
+):
+    override = 0.05
+    assert abs(override - champion.threshold) > 0.05
+    predictor = start_predictor(
+        env={"MLFLOW_TRACKING_URI": mlflow_server.url, "DECISION_THRESHOLD": str(override)}
+    )
+    body = requests.post(v1_url(predictor), json={"instances": example_transactions}).json()
+    assert [p["is_fraud"] for p in body["predictions"]] == [
+        p["fraud_probability"] >= override for p in body["predictions"]
+    ]
+    assert "threshold 0.0500 from DECISION_THRESHOLD" in predictor.log()
+
+
+def test_served_probabilities_equal_the_registered_models_own(
+    served, mlflow_server, example_transactions
+):
+    body = requests.post(v1_url(served), json={"instances": example_transactions}).json()
+    served_p = np.array([p["fraud_probability"] for p in body["predictions"]])
+    own = in_process_probabilities(mlflow_server.url, example_transactions)
+    np.testing.assert_allclose(served_p, own, rtol=0, atol=1e-12)
+
+
+def test_kserve_rest_client_speaks_v1_and_v2(served, champion, example_transactions):
+    transactions = example_transactions[:4]
+
+    async def call():
+        v1 = InferenceRESTClient(RESTConfig(protocol="v1", retries=0, timeout=30))
+        v2 = InferenceRESTClient(RESTConfig(protocol="v2", retries=0, timeout=30))
+        try:
+            headers: dict[str, str] = {}
+            v1_result = await v1.infer(
+                served.url, {"instances": transactions}, model_name=MODEL, response_headers=headers
+            )
+            inputs = []
+            for name, dtype in V2_INPUTS.items():
+                tensor = InferInput(name, [len(transactions)], dtype)
+                tensor.set_data_from_numpy(
+                    np.array(
+                        [t[name] for t in transactions], dtype=object if dtype == "BYTES" else None
+                    ),
+                    binary_data=False,
+                )
+                inputs.append(tensor)
+            request = InferRequest(model_name=MODEL, infer_inputs=inputs, request_id="kserve-1")
+            v2_headers: dict[str, str] = {}
+            v2_result = await v2.infer(
+                served.url, request, model_name=MODEL, response_headers=v2_headers
+            )
+            ready = await v2.is_model_ready(served.url, MODEL)
+            return v1_result, headers, v2_result, v2_headers, ready
+        finally:
+            await v1.close()
+            await v2.close()
+
+    v1_result, headers, v2_result, v2_headers, ready = asyncio.run(call())
+    assert ready is True
+    assert headers["x-model-version"] == champion.version
+    assert v2_headers["x-model-version"] == champion.version  # its parser drops model_version
+    assert v2_result.id == "kserve-1"
+    probabilities = {o.name: o for o in v2_result.outputs}["fraud_probability"].as_numpy()
+    np.testing.assert_allclose(
+        probabilities, [p["fraud_probability"] for p in v1_result["predictions"]], atol=0
+    )
+
+
+def test_one_large_batch_does_not_stall_health_checks(served, example_transactions):
+    """Health answers arrive while 10,000-row batches are being scored."""
+    big = {"instances": (example_transactions * 25)[:10_000]}
+
+    def score() -> float:
+        response = requests.post(v1_url(served), json=big, timeout=120)
+        assert response.status_code == 200
+        return time.monotonic()
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        batches = [pool.submit(score) for _ in range(2)]
+        time.sleep(0.05)
+        answered = []
+        for _ in range(200):
+            if all(batch.done() for batch in batches):
+                break
+            assert requests.get(f"{served.url}/v2/health/live", timeout=10).status_code == 200
+            answered.append(time.monotonic())
+        finished = min(batch.result() for batch in batches)
+    assert any(t < finished for t in answered), "no health answer while batches were in flight"
+
+
+def test_bad_start_up_setting_stops_with_one_line_naming_the_variable(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "predictor", "--http_port", "1", "--enable_grpc", "false"],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "DECISION_THRESHOLD": "1.5", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "DECISION_THRESHOLD" in lines[0] and "less than or equal to 1" in lines[0]
+
+
+def test_embedded_default_bootstraps_demo_model_from_empty_directory(
+    start_predictor, tmp_path, example_transactions
+):
+    workdir = tmp_path / "fresh"
+    predictor = start_predictor(workdir=workdir, timeout=240)
+    response = requests.post(v1_url(predictor), json={"instances": example_transactions[:2]})
+    assert response.status_code == 200, response.text
+    assert response.json()["model_version"] == "1"
+    assert (workdir / "mlflow-local" / "mlflow.db").exists()
+    assert "training and registering the demo model" in predictor.log()
+
+
+# ---------------------------------------------------------------- bad input, V1 and V2
+
+GOOD = {
+    "amount": 42.0,
+    "timestamp": "2026-11-26T14:02:00+01:00",
+    "merchant_category": "grocery",
+    "card_present": True,
+    "distance_from_home_km": 2.5,
+    "transactions_last_24h": 1,
+    "customer_age": 41,
+    "account_age_days": 2400,
+}
+
+
+def with_(**changes) -> dict:
+    return {**GOOD, **changes}
+
+
+def without(field: str) -> dict:
+    return {k: v for k, v in GOOD.items() if k != field}
+
+
+def v2_with(name: str, **changes) -> dict:
+    body = v2_body([GOOD, GOOD])
+    for tensor in body["inputs"]:
+        if tensor["name"] == name:
+            tensor.update(changes)
+    return body
+
+
+def v2_without(name: str) -> dict:
+    body = v2_body([GOOD])
+    body["inputs"] = [t for t in body["inputs"] if t["name"] != name]
+    return body
+
+
+def v2_extra() -> dict:
+    body = v2_body([GOOD])
+    body["inputs"].append({"name": "mcc", "datatype": "INT64", "shape": [1], "data": [5411]})
+    return body
+
+
+def v2_duplicate() -> dict:
+    body = v2_body([GOOD])
+    body["inputs"].append(dict(body["inputs"][0]))
+    return body
+
+
+V1 = "v1"
+V2 = "v2"
+# (protocol, body, expected status, text the error must contain); bytes go out as
+# application/json, str as a form (curl -d's default), anything else as JSON.
+BAD_INPUTS = {
+    "v1 missing field": (V1, {"instances": [without("amount")]}, 400, "instances[0].amount: Field"),
+    "v1 unknown field": (V1, {"instances": [with_(mcc=5411)]}, 400, "instances[0].mcc: Extra"),
+    "v1 wrong json type": (V1, {"instances": [with_(amount=[1])]}, 400, "amount: Input should be"),
+    "v1 string number": (V1, {"instances": [with_(amount="42.0")]}, 400, "amount: Input should"),
+    "v1 bool as number": (V1, {"instances": [with_(customer_age=True)]}, 400, "customer_age"),
+    "v1 negative amount": (V1, {"instances": [with_(amount=-3)]}, 400, "greater than 0"),
+    "v1 bad timestamp": (V1, {"instances": [with_(timestamp="26/11/2026")]}, 400, "timestamp"),
+    "v1 timestamp no offset": (
+        V1,
+        {"instances": [with_(timestamp="2026-11-26T14:02:00")]},
+        400,
+        "timestamp: Input should have timezone info",
+    ),
+    "v1 timestamp no hour": (V1, {"instances": [with_(timestamp="2026-11-26")]}, 400, "not a date"),
+    "v1 age out of range": (V1, {"instances": [with_(customer_age=7)]}, 400, "customer_age"),
+    "v1 null field": (V1, {"instances": [with_(card_present=None)]}, 400, "card_present"),
+    "v1 second row bad": (
+        V1,
+        {"instances": [GOOD, with_(distance_from_home_km=-1)]},
+        400,
+        "instances[1].distance_from_home_km",
+    ),
+    "v1 empty batch": (V1, {"instances": []}, 400, "at least one transaction"),
+    "v1 too many rows": (V1, {"instances": [GOOD] * 10_001}, 400, "MAX_BATCH_ROWS"),
+    "v1 null body": (V1, b"null", 400, "must be a JSON object"),
+    "v1 instances null": (V1, {"instances": None}, 400, "instances: must be a list"),
+    "v1 no instances": (V1, {"rows": [GOOD]}, 400, "unknown top-level key"),
+    "v1 list row too short": (V1, {"instances": [[42.0, "x"]]}, 400, "needs 8 values"),
+    "v1 row is a number": (V1, {"instances": [5]}, 400, "instances[0]: must be an object"),
+    "v1 non-json body": (V1, b"amount=42", 400, "Unrecognized request format"),
+    "v1 form-encoded body": (V1, "amount=42", 400, "request body is not valid JSON"),
+    "v1 unknown model": (V1, {"instances": [GOOD]}, 404, "does not exist"),
+    "v1 body over limit": (V1, b"[" + b" " * (9 * 1024 * 1024) + b"]", 413, "MAX_REQUEST_BYTES"),
+    "v2 missing tensor": (V2, v2_without("customer_age"), 400, "missing tensor(s)"),
+    "v2 unknown tensor": (V2, v2_extra(), 400, "unknown tensor(s) ['mcc']"),
+    "v2 duplicate tensor": (V2, v2_duplicate(), 400, "duplicate tensor(s) ['amount']"),
+    "v2 unequal lengths": (
+        V2,
+        v2_with("amount", shape=[1], data=[42.0]),
+        400,
+        "same length",
+    ),
+    "v2 wrong datatype": (V2, v2_with("amount", datatype="INT64"), 400, "must be FP64, got INT64"),
+    "v2 wrong shape": (V2, v2_with("amount", shape=[2, 1]), 400, "shape must be [n]"),
+    "v2 shape data mismatch": (V2, v2_with("amount", data=[42.0]), 400, "but 1 data elements"),
+    "v2 bad value": (
+        V2,
+        v2_with("customer_age", data=[41, 7]),
+        400,
+        "input 'customer_age'[1]: Input should be greater than or equal to 18",
+    ),
+    "v2 null in tensor": (V2, v2_with("amount", data=[42.0, None]), 400, "input 'amount'[1]"),
+    "v2 int as bool": (V2, v2_with("card_present", data=[1, 0]), 400, "card_present"),
+    "v2 empty tensors": (
+        V2,
+        {"inputs": [{**t, "shape": [0], "data": []} for t in v2_body([GOOD])["inputs"]]},
+        400,
+        "at least one transaction",
+    ),
+    "v2 inputs not a list": (V2, {"inputs": 5}, 400, "inputs"),
+    "v2 tensor without datatype": (
+        V2,
+        {"inputs": [{"name": "amount", "shape": [1], "data": [1.0]}]},
+        400,
+        "datatype",
+    ),
+    "v2 non-json body": (V2, b"{not json", 400, "not valid JSON"),
+    "v2 unknown model": (V2, v2_body([GOOD]), 404, "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_4xx_naming_the_problem(served, case):
+    protocol, body, status, message = BAD_INPUTS[case]
+    model = "no-such-model" if "unknown model" in case else MODEL
+    url = v1_url(served, model) if protocol == V1 else v2_url(served, model)
+    if isinstance(body, bytes):
+        headers = {"content-type": "application/json"}
+        response = requests.post(url, data=body, headers=headers, timeout=30)
+    elif isinstance(body, str):
+        headers = {"content-type": "application/x-www-form-urlencoded"}
+        response = requests.post(url, data=body, headers=headers, timeout=30)
+    else:
+        response = requests.post(url, json=body, timeout=30)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"], response.text
+    # ... and the server keeps serving.
+    ok = requests.post(v1_url(served), json={"instances": [GOOD]}, timeout=30)
+    assert ok.status_code == 200
