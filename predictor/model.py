@@ -11,7 +11,6 @@ import numpy as np
 from kserve import Model
 from kserve.errors import InferenceError
 from kserve.protocol.infer_type import InferRequest, InferResponse
-from mlflow import MlflowClient
 
 from predictor import codec, registry
 from predictor.features import build_features
@@ -57,8 +56,7 @@ class FraudModel(Model):
     def load(self) -> bool:
         """Resolve MODEL_URI to a version, load it into memory and start serving it."""
         tracking_uri = self.settings.tracking_uri
-        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        ref = registry.resolve(client, self.settings.model_uri)
+        ref = registry.resolve(registry.connect(tracking_uri), self.settings.model_uri)
         self.serve(registry.load(ref, tracking_uri))
         return self.ready
 

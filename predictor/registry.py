@@ -73,6 +73,17 @@ def configure_http(timeout_seconds: float, max_retries: int = 0) -> None:
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(max_retries)
 
 
+def connect(tracking_uri: str) -> MlflowClient:
+    """A client for `tracking_uri`, also made mlflow's default.
+
+    Some of mlflow's helpers (artifact download of `models:/` URIs) ignore the URIs they
+    are given and use the process default, which is `./mlflow.db` when nothing is set.
+    """
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
 def is_missing(error: MlflowException) -> bool:
     return error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
 

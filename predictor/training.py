@@ -266,12 +266,9 @@ def train_and_register(
     log("test: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
     import mlflow
-    from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
+    client = registry.connect(tracking_uri)
     experiment_id = _experiment_id(client, config.experiment, artifact_location)
     with step(log, "scoring the current champion on the same test rows"):
         champion_version, champion_pr_auc = _champion_pr_auc(
@@ -355,16 +352,14 @@ def ensure_demo_model(settings: Settings, log: Log = print) -> None:
 
     Never called for a remote registry: a server must not publish models there.
     """
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     if not settings.uses_embedded_store:
         raise ValueError("the demo model is only bootstrapped into the embedded store")
     settings.local_store_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = embedded_tracking_uri(settings.local_store_dir)
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
-        registry.resolve(client, settings.model_uri)
+        registry.resolve(registry.connect(tracking_uri), settings.model_uri)
         return
     except MlflowException as error:
         if not registry.is_missing(error):

@@ -125,6 +125,9 @@ class Predictor:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def stop(self) -> None:
+        stop(self.process)
+
 
 def launch_predictor(
     workdir: Path,
