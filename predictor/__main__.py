@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
+# Metrics storage is chosen when prometheus_client is first imported (by KServe too), so
+# the shared multi-worker directory must be set up before anything else is imported.
+from predictor.metrics_dir import prepare_multiprocess_dir
 
-from kserve import model_server
-from mlflow.exceptions import MlflowException
+prepare_multiprocess_dir()
 
-from predictor import registry
-from predictor.model import FraudModel
-from predictor.server import build_server
-from predictor.settings import DEFAULT_MODEL_NAME, ConfigurationError, load_settings
+import argparse  # noqa: E402
+import sys  # noqa: E402
 
-logger = logging.getLogger("predictor")
+from kserve import model_server  # noqa: E402
+
+from predictor import registry  # noqa: E402
+from predictor.logs import configure_logging  # noqa: E402
+from predictor.metrics_dir import remove_multiprocess_dir  # noqa: E402
+from predictor.model import FraudModel  # noqa: E402
+from predictor.server import build_server  # noqa: E402
+from predictor.settings import DEFAULT_MODEL_NAME, ConfigurationError, load_settings  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,41 +32,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def configure_logging() -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    configure_logging()
+    try:
+        return serve(parse_args(argv))
+    finally:
+        remove_multiprocess_dir()
+
+
+def serve(args: argparse.Namespace) -> int:
     try:
         settings = load_settings()
     except ConfigurationError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    configure_logging(settings.log_format)
     registry.configure_http(settings.model_load_timeout_seconds)
     model = FraudModel(args.model_name, settings)
-    try:
-        if settings.uses_embedded_store:
-            from predictor.training import ensure_demo_model
-
-            ensure_demo_model(settings, log=logger.info)
-        model.load()
-    except (MlflowException, registry.ModelLoadError, OSError) as error:
-        logger.error("cannot load %s from %s: %s", settings.model_uri, settings.tracking_uri, error)
-        return 1
     server = build_server(
-        settings.max_request_bytes,
+        model,
+        settings,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         workers=args.workers,
         enable_grpc=args.enable_grpc,
     )
-    server.start([model])
+    server.start([])  # returns after a graceful shutdown (SIGTERM/SIGINT)
     return 0
 
 

@@ -12,8 +12,9 @@ from kserve import Model
 from kserve.errors import InferenceError
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
-from predictor import codec, registry
+from predictor import codec, metrics, registry
 from predictor.features import build_features
+from predictor.lifecycle import ModelWatcher
 from predictor.settings import Settings
 
 logger = logging.getLogger("predictor.model")
@@ -48,13 +49,34 @@ class FraudModel(Model):
         super().__init__(name, return_response_headers=True)
         self.settings = settings
         self._serving: Serving | None = None
+        self._watcher: ModelWatcher | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """KServe pickles the model into each `--workers` process: ship config, not state.
+
+        Every worker loads and watches its own copy (see `start_watching`).
+        """
+        state = self.__dict__.copy()
+        state.update(_serving=None, _watcher=None, ready=False)
+        return state
 
     @property
     def serving(self) -> Serving | None:
         return self._serving
 
+    def start_watching(self) -> None:
+        """Load (and keep following MODEL_URI) in the background; see predictor.lifecycle."""
+        if self._watcher is None:
+            self._watcher = ModelWatcher(self, self.settings)
+            self._watcher.start()
+
+    def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop(timeout=0)
+        super().stop()
+
     def load(self) -> bool:
-        """Resolve MODEL_URI to a version, load it into memory and start serving it."""
+        """Resolve MODEL_URI to a version, load it into memory and start serving it (once)."""
         tracking_uri = self.settings.tracking_uri
         ref = registry.resolve(registry.connect(tracking_uri), self.settings.model_uri)
         self.serve(registry.load(ref, tracking_uri))
@@ -71,9 +93,13 @@ class FraudModel(Model):
                 f"{loaded.ref.download_uri} has no {registry.THRESHOLD_TAG} tag; "
                 "set DECISION_THRESHOLD or tag the version"
             )
+        previous = self._serving
         self._serving = Serving(loaded=loaded, threshold=threshold)
         self.ready = True
         ref = loaded.ref
+        if previous is not None:
+            _model_info(previous.loaded.ref).set(0)
+        _model_info(ref).set(1)
         logger.info(
             "model loaded: %s version %s (uri %s, run %s), threshold %.4f from %s",
             ref.name or "run",
@@ -115,6 +141,7 @@ class FraudModel(Model):
         except Exception as error:
             raise InferenceError(f"model version {serving.version} failed: {error}") from error
         decisions = probabilities >= serving.threshold
+        metrics.observe_scores(probabilities, decisions)
         if response_headers is not None:
             response_headers[MODEL_VERSION_HEADER] = serving.version
         if payload.v2_request is not None:
@@ -128,6 +155,12 @@ class FraudModel(Model):
 
     def get_output_types(self) -> list[dict]:
         return codec.tensor_metadata(codec.V2_OUTPUTS)
+
+
+def _model_info(ref: registry.ModelRef):
+    return metrics.MODEL_INFO.labels(
+        model=ref.name or "", version=ref.version, alias=ref.alias or "", run_id=ref.run_id or ""
+    )
 
 
 def _fraud_probability(estimator: Any, features: np.ndarray) -> np.ndarray:

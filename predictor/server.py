@@ -2,7 +2,13 @@
 
 * a request-body size limit (413) before any JSON is parsed;
 * FastAPI's 422 for malformed V2 bodies turned into KServe's ``{"error": ...}`` 400;
+* error responses counted by status, and `/metrics` summed over all workers;
+* server readiness that means "the model is loaded" (KServe's is always true);
 * V2 model metadata that names the version being served.
+
+With `--workers N`, KServe pickles its data plane into N spawned processes that import a
+fresh FastAPI app; `FraudDataPlane.__setstate__` prepares each of them like the single
+process is prepared in `python -m predictor`.
 """
 
 from __future__ import annotations
@@ -10,13 +16,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve import ModelServer
 from kserve import model_server as kserve_model_server
+from kserve.model_repository import ModelRepository
 from kserve.protocol.dataplane import DataPlane
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from predictor import metrics
+from predictor.logs import configure_logging
+from predictor.model import FraudModel
+from predictor.settings import Settings
 
 
 class BodySizeLimit:
@@ -81,6 +93,30 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": payload})
 
 
+class ErrorCounter:
+    """Count responses with status >= 400 (KServe's handlers and ours alike)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                metrics.REQUEST_ERRORS.labels(status=str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+async def metrics_endpoint(_: Request) -> Response:
+    body, content_type = metrics.exposition()
+    return Response(content=body, media_type=content_type)
+
+
 async def request_validation_handler(_: Request, error: RequestValidationError) -> JSONResponse:
     """A malformed body is the client's error: 400 naming the field, like InvalidInput."""
     parts = []
@@ -93,8 +129,22 @@ async def request_validation_handler(_: Request, error: RequestValidationError) 
     return JSONResponse(status_code=400, content={"error": "; ".join(parts)})
 
 
-class VersionedDataPlane(DataPlane):
-    """KServe's data plane, with the served model version in V2 model metadata."""
+class FraudDataPlane(DataPlane):
+    """KServe's data plane with truthful readiness and the served version in metadata."""
+
+    def __init__(self, model_registry: ModelRepository, settings: Settings):
+        super().__init__(model_registry=model_registry)
+        self.settings = settings
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled in a spawned KServe worker process: make this process ready to serve."""
+        self.__dict__.update(state)
+        prepare_serving_process(self.settings, self.model_registry)
+
+    async def ready(self) -> bool:
+        """Server readiness per the V2 spec: every registered model is ready."""
+        models = self.model_registry.get_models().values()
+        return bool(models) and all(model.ready for model in models)
 
     async def model_metadata(self, model_name: str) -> dict[str, Any]:
         metadata = await super().model_metadata(model_name)
@@ -106,11 +156,36 @@ class VersionedDataPlane(DataPlane):
         return metadata
 
 
-def build_server(max_request_bytes: int, **server_args: Any) -> ModelServer:
-    """A ModelServer (flags as parsed by kserve) with this server's edges installed."""
-    app = kserve_model_server.app
-    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
+def install_http_edges(app: FastAPI, settings: Settings) -> None:
+    """Add this server's middleware, handlers and routes to KServe's app, before it starts.
+
+    Routes added here take precedence over KServe's, which are registered at start-up.
+    """
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(ErrorCounter)
     app.add_exception_handler(RequestValidationError, request_validation_handler)
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
+
+
+def prepare_serving_process(settings: Settings, models: ModelRepository) -> None:
+    """Everything a process that answers HTTP needs: edges, and models loading themselves."""
+    configure_logging(settings.log_format)
+    install_http_edges(kserve_model_server.app, settings)
+    for model in models.get_models().values():
+        if isinstance(model, FraudModel):
+            model.start_watching()
+
+
+def build_server(model: FraudModel, settings: Settings, **server_args: Any) -> ModelServer:
+    """A ModelServer (flags as parsed by KServe) serving `model`, loaded in the background.
+
+    The model is registered before it is ready, so liveness answers at once and readiness
+    and predict answer 503 until the first version is loaded.
+    """
     server = ModelServer(**server_args)
-    server.dataplane = VersionedDataPlane(model_registry=server.registered_models)
+    server.dataplane = FraudDataPlane(server.registered_models, settings)
+    model.enable_latency_logging = server.enable_latency_logging
+    server.register_model(model)
+    if server.workers == 1:
+        prepare_serving_process(settings, server.registered_models)
     return server

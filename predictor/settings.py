@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +29,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     local_store_dir: Path = Field(default=Path("mlflow-local"))
     model_load_timeout_seconds: float = Field(default=15.0, gt=0)
+    model_poll_interval_seconds: float = Field(default=30.0, ge=0)
+    model_retry_max_seconds: float = Field(default=30.0, ge=1)
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("mlflow_tracking_uri", "decision_threshold", mode="before")
     @classmethod

@@ -36,6 +36,7 @@ def test_bad_value_names_the_variable(monkeypatch, tmp_path, variable, value, me
 
 def test_empty_values_mean_unset(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri sets it
     (tmp_path / ".env").write_text("MLFLOW_TRACKING_URI=\nDECISION_THRESHOLD=\n")
     settings = load_settings()
     assert settings.uses_embedded_store

@@ -1,0 +1,82 @@
+"""Prometheus metrics, correct across `--workers N`.
+
+`python -m predictor` points PROMETHEUS_MULTIPROC_DIR at a fresh directory before
+prometheus-client is imported, so every worker writes its samples there and one scrape of
+`/metrics` (any worker) reports the sum over all workers, KServe's own latency histograms
+included. Without that variable (e.g. in-process use) the metrics are per process.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from predictor.metrics_dir import MULTIPROC_ENV
+
+MODEL_INFO = Gauge(
+    "fraud_model_info",
+    "1 for the model version being served (by any worker), 0 for versions served before.",
+    ["model", "version", "alias", "run_id"],
+    multiprocess_mode="max",
+)
+MODEL_LOADS = Counter(
+    "fraud_model_load_attempts",
+    "Model load attempts: initial load or reload, by outcome.",
+    ["kind", "outcome"],
+)
+MODEL_LOAD_SECONDS = Histogram(
+    "fraud_model_load_duration_seconds",
+    "Time to resolve, download, load and check a model version.",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+PREDICTIONS = Counter(
+    "fraud_predictions",
+    "Transactions scored, by decision (fraud or legit).",
+    ["outcome"],
+)
+FRAUD_PROBABILITY = Histogram(
+    "fraud_probability",
+    "Distribution of scored fraud probabilities (watch it for drift).",
+    buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99),
+)
+REQUEST_ROWS = Histogram(
+    "fraud_request_rows",
+    "Transactions per prediction request.",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000),
+)
+REQUEST_ERRORS = Counter(
+    "fraud_request_errors",
+    "HTTP responses with an error status, by status code.",
+    ["status"],
+)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The scrape body: summed over workers in multiprocess mode."""
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def observe_scores(probabilities, decisions) -> None:
+    """Count one request's transactions and their scores."""
+    REQUEST_ROWS.observe(len(probabilities))
+    fraud = int(decisions.sum())
+    if fraud:
+        PREDICTIONS.labels(outcome="fraud").inc(fraud)
+    if fraud < len(decisions):
+        PREDICTIONS.labels(outcome="legit").inc(len(decisions) - fraud)
+    for probability in probabilities.tolist():
+        FRAUD_PROBABILITY.observe(probability)
