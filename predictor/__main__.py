@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 # Metrics storage is chosen when prometheus_client is first imported (by KServe too), so
-# the shared multi-worker directory must be set up before anything else is imported.
-from predictor.metrics_dir import prepare_multiprocess_dir
+# the directory shared by all workers must be set up before anything else is imported.
+from predictor.runtime import prepare_run_dir
 
-prepare_multiprocess_dir()
+prepare_run_dir()
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
@@ -15,8 +15,8 @@ from kserve import model_server  # noqa: E402
 
 from predictor import registry  # noqa: E402
 from predictor.logs import configure_logging  # noqa: E402
-from predictor.metrics_dir import remove_multiprocess_dir  # noqa: E402
 from predictor.model import FraudModel  # noqa: E402
+from predictor.runtime import remove_run_dir  # noqa: E402
 from predictor.server import build_server  # noqa: E402
 from predictor.settings import DEFAULT_MODEL_NAME, ConfigurationError, load_settings  # noqa: E402
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return serve(parse_args(argv))
     finally:
-        remove_multiprocess_dir()
+        remove_run_dir()
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from predictor import metrics, registry
+from predictor import metrics, registry, runtime
 from predictor.settings import Settings
 
 logger = logging.getLogger("predictor.lifecycle")
@@ -151,6 +151,7 @@ class ModelWatcher:
         duration = time.perf_counter() - started
         metrics.MODEL_LOAD_SECONDS.observe(duration)
         metrics.MODEL_LOADS.labels(kind=kind, outcome="success").inc()
+        runtime.mark_ready()
         self._failed.pop(ref.version, None)
         self._backoff.reset()
         if serving is not None:

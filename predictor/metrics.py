@@ -21,7 +21,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from predictor.metrics_dir import MULTIPROC_ENV
+from predictor.runtime import METRICS_ENV
 
 MODEL_INFO = Gauge(
     "fraud_model_info",
@@ -63,7 +63,7 @@ REQUEST_ERRORS = Counter(
 
 def exposition() -> tuple[bytes, str]:
     """The scrape body: summed over workers in multiprocess mode."""
-    if os.environ.get(MULTIPROC_ENV):
+    if os.environ.get(METRICS_ENV):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -14,10 +14,11 @@ process is prepared in `python -m predictor`.
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
+from fastapi.exceptions import FastAPIDeprecationWarning, RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve import ModelServer
 from kserve import model_server as kserve_model_server
@@ -25,7 +26,7 @@ from kserve.model_repository import ModelRepository
 from kserve.protocol.dataplane import DataPlane
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from predictor import metrics
+from predictor import metrics, runtime
 from predictor.logs import configure_logging
 from predictor.model import FraudModel
 from predictor.settings import Settings
@@ -132,9 +133,10 @@ async def request_validation_handler(_: Request, error: RequestValidationError) 
 class FraudDataPlane(DataPlane):
     """KServe's data plane with truthful readiness and the served version in metadata."""
 
-    def __init__(self, model_registry: ModelRepository, settings: Settings):
+    def __init__(self, model_registry: ModelRepository, settings: Settings, workers: int):
         super().__init__(model_registry=model_registry)
         self.settings = settings
+        self.workers = workers
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickled in a spawned KServe worker process: make this process ready to serve."""
@@ -142,9 +144,11 @@ class FraudDataPlane(DataPlane):
         prepare_serving_process(self.settings, self.model_registry)
 
     async def ready(self) -> bool:
-        """Server readiness per the V2 spec: every registered model is ready."""
+        """Server readiness per the V2 spec: every model is ready, in every worker."""
         models = self.model_registry.get_models().values()
-        return bool(models) and all(model.ready for model in models)
+        if not models or not all(model.ready for model in models):
+            return False
+        return self.workers == 1 or runtime.ready_workers() >= self.workers
 
     async def model_metadata(self, model_name: str) -> dict[str, Any]:
         metadata = await super().model_metadata(model_name)
@@ -170,6 +174,8 @@ def install_http_edges(app: FastAPI, settings: Settings) -> None:
 def prepare_serving_process(settings: Settings, models: ModelRepository) -> None:
     """Everything a process that answers HTTP needs: edges, and models loading themselves."""
     configure_logging(settings.log_format)
+    # KServe's V1 endpoints use ORJSONResponse, which FastAPI warns about on every request.
+    warnings.filterwarnings("ignore", category=FastAPIDeprecationWarning)
     install_http_edges(kserve_model_server.app, settings)
     for model in models.get_models().values():
         if isinstance(model, FraudModel):
@@ -183,7 +189,7 @@ def build_server(model: FraudModel, settings: Settings, **server_args: Any) -> M
     and predict answer 503 until the first version is loaded.
     """
     server = ModelServer(**server_args)
-    server.dataplane = FraudDataPlane(server.registered_models, settings)
+    server.dataplane = FraudDataPlane(server.registered_models, settings, server.workers)
     model.enable_latency_logging = server.enable_latency_logging
     server.register_model(model)
     if server.workers == 1:

@@ -1,0 +1,71 @@
+"""Per-run scratch directory shared by the server's worker processes (under /tmp).
+
+* `metrics/`: prometheus-client's multiprocess samples, so one scrape sums all workers;
+* `ready/`: one marker per worker process whose model is loaded, so server readiness
+  means "every worker can answer", not "the worker that got the probe can".
+
+Kept free of any prometheus_client import: `prepare_run_dir` must run before it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+RUN_DIR_ENV = "FRAUD_PREDICTOR_RUN_DIR"
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def prepare_run_dir() -> None:
+    """Create the run directory once; spawned workers inherit it through the environment.
+
+    PROMETHEUS_MULTIPROC_DIR, if set by the user, is used (emptied of stale samples);
+    otherwise it points into the run directory.
+    """
+    if os.environ.get(RUN_DIR_ENV):
+        return  # a worker re-importing the entry module: siblings' samples must stay
+    run_dir = Path(tempfile.mkdtemp(prefix="fraud-predictor-"))
+    (run_dir / "ready").mkdir()
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    configured = os.environ.get(METRICS_ENV)
+    if configured:
+        metrics_dir = Path(configured)
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        for stale in metrics_dir.glob("*.db"):
+            stale.unlink()
+    else:
+        metrics_dir = run_dir / "metrics"
+        metrics_dir.mkdir()
+        os.environ[METRICS_ENV] = str(metrics_dir)
+
+
+def remove_run_dir() -> None:
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    if run_dir:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def mark_ready() -> None:
+    """Record that this process has a model loaded (no-op outside `python -m predictor`)."""
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    if run_dir:
+        (Path(run_dir) / "ready" / str(os.getpid())).touch()
+
+
+def ready_workers() -> int:
+    """Live worker processes that have a model loaded."""
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    if not run_dir:
+        return 0
+    count = 0
+    for marker in (Path(run_dir) / "ready").iterdir():
+        try:
+            os.kill(int(marker.name), 0)
+        except (ProcessLookupError, ValueError):
+            continue  # a worker that died (KServe replaces unresponsive ones)
+        except PermissionError:
+            pass
+        count += 1
+    return count

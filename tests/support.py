@@ -1,0 +1,167 @@
+"""Real parts for the tests: `mlflow server` and predictor processes on free loopback ports.
+
+Every wait is bounded in time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_NAME = "fraud-detector"
+# Small but learnable: fast to fit, enough fraud rows for stable metrics.
+TEST_ROWS = 20_000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    """Poll `url` until it answers 200, the process dies, or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before {url} was up")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout} s")
+
+
+def stop(process: subprocess.Popen, timeout: float = 20) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=timeout)
+
+
+@dataclass
+class MlflowServer:
+    url: str
+    process: subprocess.Popen
+    workdir: Path
+
+    def kill(self) -> None:
+        """SIGKILL the server and its worker processes (they would keep the port open)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def start_mlflow_server(workdir: Path, port: int | None = None) -> MlflowServer:
+    """`mlflow server` with a sqlite backend and proxied artifacts, in `workdir`."""
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = open(workdir / "mlflow-server.log", "ab")  # noqa: SIM115 - lives with the process
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{workdir / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(workdir / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=workdir,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, so its workers die with it
+    )
+    server = MlflowServer(url=f"http://127.0.0.1:{port}", process=process, workdir=workdir)
+    try:
+        wait_for(f"{server.url}/health", timeout=120, process=process)
+    except Exception:
+        server.kill()
+        raise
+    return server
+
+
+@dataclass
+class Predictor:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        stop(self.process)
+
+
+def launch_predictor(
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    args: list[str] | None = None,
+    wait_ready: bool = True,
+    timeout: float = 120,
+) -> Predictor:
+    """`python -m predictor` in `workdir` (so no .env from the repository leaks in)."""
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"predictor-{port}.log"
+    base_env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"MLFLOW_TRACKING_URI", "MODEL_URI", "DECISION_THRESHOLD"}
+    }
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "predictor",
+            "--http_port",
+            str(port),
+            "--enable_grpc",
+            "false",
+            *(args or []),
+        ],
+        cwd=workdir,
+        env={**base_env, "PYTHONPATH": str(ROOT), **(env or {})},
+        stdout=open(log_path, "wb"),  # noqa: SIM115 - lives with the process
+        stderr=subprocess.STDOUT,
+    )
+    predictor = Predictor(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+    if wait_ready:
+        try:
+            wait_for(f"{predictor.url}/v2/health/ready", timeout=timeout, process=process)
+        except Exception as error:
+            stop(process)
+            raise RuntimeError(f"{error}\n--- predictor log ---\n{predictor.log()}") from None
+    return predictor
