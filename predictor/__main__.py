@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-# Metrics storage is chosen when prometheus_client is first imported (by KServe too), so
-# the directory shared by all workers must be set up before anything else is imported.
-from predictor.runtime import prepare_run_dir
+# Metrics storage is chosen when prometheus_client is first imported (by KServe too), and
+# native thread pools when numpy loads, so both are set up before anything else is imported.
+from predictor.runtime import pin_native_threads, prepare_run_dir
 
+pin_native_threads()
 prepare_run_dir()
 
 import argparse  # noqa: E402
@@ -28,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parents=[model_server.parser],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.set_defaults(model_name=DEFAULT_MODEL_NAME)
+    # A log line per request costs more than scoring a transaction: latency is in /metrics.
+    parser.set_defaults(model_name=DEFAULT_MODEL_NAME, enable_latency_logging=False)
     return parser.parse_args(argv)
 
 
@@ -55,6 +57,7 @@ def serve(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port,
         workers=args.workers,
         enable_grpc=args.enable_grpc,
+        enable_latency_logging=args.enable_latency_logging,
     )
     server.start([])  # returns after a graceful shutdown (SIGTERM/SIGINT)
     return 0

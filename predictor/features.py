@@ -27,8 +27,6 @@ FEATURE_NAMES: tuple[str, ...] = (
     "account_age_days",
     "merchant_category_code",
 )
-#: Index of the column the classifier treats as categorical (ordinal codes).
-CATEGORICAL_FEATURES: tuple[int, ...] = (FEATURE_NAMES.index("merchant_category_code"),)
 #: Local hours (the timestamp's own offset) counted as night.
 NIGHT_HOURS = range(0, 6)
 

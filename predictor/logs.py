@@ -24,6 +24,38 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class DropTimings(logging.Filter):
+    """KServe's per-request timing lines (two per request); the same figures are in the
+    Prometheus latency histograms, and writing them costs more than scoring one row."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+class ClientErrorsInOneLine(logging.Filter):
+    """KServe logs every 4xx/503 with a full traceback at ERROR; make it one WARNING line."""
+
+    EXPECTED = ("InvalidInput", "ModelNotFound", "ModelNotReady", "ServerNotReady")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and type(error).__name__ in self.EXPECTED:
+            record.msg, record.args = "%s: %s", (type(error).__name__, error)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def quiet_kserve_logging() -> None:
+    """Logger-level filters: they survive KServe reconfiguring logging in each worker."""
+    trace = logging.getLogger("kserve.trace")
+    if not any(isinstance(f, DropTimings) for f in trace.filters):
+        trace.addFilter(DropTimings())
+    kserve = logging.getLogger("kserve")
+    if not any(isinstance(f, ClientErrorsInOneLine) for f in kserve.filters):
+        kserve.addFilter(ClientErrorsInOneLine())
+
+
 def configure_logging(log_format: str = "text") -> None:
     """One handler on the `predictor` logger (idempotent: each process calls it once)."""
     logger = logging.getLogger(LOGGER_NAME)

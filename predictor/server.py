@@ -27,7 +27,7 @@ from kserve.protocol.dataplane import DataPlane
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from predictor import metrics, runtime
-from predictor.logs import configure_logging
+from predictor.logs import configure_logging, quiet_kserve_logging
 from predictor.model import FraudModel
 from predictor.settings import Settings
 
@@ -174,6 +174,7 @@ def install_http_edges(app: FastAPI, settings: Settings) -> None:
 def prepare_serving_process(settings: Settings, models: ModelRepository) -> None:
     """Everything a process that answers HTTP needs: edges, and models loading themselves."""
     configure_logging(settings.log_format)
+    quiet_kserve_logging()
     # KServe's V1 endpoints use ORJSONResponse, which FastAPI warns about on every request.
     warnings.filterwarnings("ignore", category=FastAPIDeprecationWarning)
     install_http_edges(kserve_model_server.app, settings)

@@ -1,31 +1,61 @@
-"""Latency and throughput of a running predictor over HTTP, for V1 and V2.
+"""Latency and throughput of the predictor over HTTP, side by side with `mlflow models serve`.
 
-    uv run python scripts/benchmark.py --url http://127.0.0.1:8080
+    uv run python scripts/benchmark.py                 # full run: starts everything itself
+    uv run python scripts/benchmark.py --url http://127.0.0.1:8080   # an already running server
 
-For each protocol, batch size (rows per request) and concurrency it sends the same
-realistic generated transactions, checks every response (status, row count, outputs)
-and prints p50/p95/p99 latency, requests/s and rows/s. A failed check is counted and
-reported, never hidden; the exit code is 1 if any request failed.
+The full run starts a real `mlflow server` (sqlite, temporary directory), trains and
+registers the demo model into it, then starts on the same registered version:
+the predictor with 1 worker, `mlflow models serve` (1 worker), and the predictor with
+2 workers. Every server gets the same transactions: the predictor as V1 and V2 requests,
+`mlflow models serve` as the feature rows its signature asks for (built by the same
+features module, so it skips validation and feature building: an advantage to the peer).
+Every response is checked (status, one answer per row, probabilities in [0, 1]); the
+predictor's probabilities are compared with the peer's for the same transactions.
+
+The client runs one keep-alive connection per concurrent stream, in threads, with
+pre-encoded bodies; it shares the machine's cores with the servers, as a sidecar would.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import statistics
+import http.client
+import json
+import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 
-import httpx
+import numpy as np
 
 from predictor.codec import V2_INPUTS
 from predictor.data import generate_transactions, transaction_payloads
+from predictor.features import FEATURE_NAMES, build_features
+from predictor.schema import validate_transactions
+
+MODEL = "fraud-detector"
+
+
+@dataclass
+class Target:
+    """One server and how to ask it for `rows` transactions."""
+
+    name: str
+    base_url: str
+    path: str
+    protocol: str  # v1 | v2 | mlflow
 
 
 @dataclass
 class Result:
-    protocol: str
+    target: str
     rows: int
     concurrency: int
     latencies_ms: list[float]
@@ -41,13 +71,11 @@ class Result:
         return len(self.latencies_ms) / self.wall_seconds
 
 
-def v1_request(transactions: list[dict]) -> dict:
-    return {"instances": transactions}
-
-
-def v2_request(transactions: list[dict]) -> dict:
-    return {
-        "inputs": [
+def body_for(protocol: str, transactions: list[dict]) -> bytes:
+    if protocol == "v1":
+        return json.dumps({"instances": transactions}).encode()
+    if protocol == "v2":
+        inputs = [
             {
                 "name": name,
                 "datatype": dtype,
@@ -56,110 +84,362 @@ def v2_request(transactions: list[dict]) -> dict:
             }
             for name, dtype in V2_INPUTS.items()
         ]
-    }
+        return json.dumps({"inputs": inputs}).encode()
+    features = build_features(validate_transactions(transactions))
+    return json.dumps(
+        {"dataframe_split": {"columns": list(FEATURE_NAMES), "data": features.tolist()}}
+    ).encode()
 
 
-def check(protocol: str, response: httpx.Response, rows: int) -> bool:
-    """A response counts only if it is a 200 with one sane answer per row."""
-    if response.status_code != 200:
-        return False
-    body = response.json()
+def probabilities_of(protocol: str, body: dict) -> list[float]:
+    """The fraud probabilities in a response body, whatever the protocol."""
     if protocol == "v1":
-        predictions = body.get("predictions", [])
-        return len(predictions) == rows and all(
-            0.0 <= p["fraud_probability"] <= 1.0 and isinstance(p["is_fraud"], bool)
-            for p in predictions
+        return [p["fraud_probability"] for p in body["predictions"]]
+    if protocol == "v2":
+        return {o["name"]: o["data"] for o in body["outputs"]}["fraud_probability"]
+    return [row[1] for row in body["predictions"]]  # predict_proba: [p(legit), p(fraud)]
+
+
+def check(protocol: str, status: int, payload: bytes, rows: int) -> bool:
+    if status != 200:
+        return False
+    try:
+        probabilities = probabilities_of(protocol, json.loads(payload))
+    except (ValueError, KeyError, TypeError, IndexError):
+        return False
+    return len(probabilities) == rows and all(0.0 <= p <= 1.0 for p in probabilities)
+
+
+def call(target: Target, body: bytes, timeout: float = 60) -> tuple[int, bytes]:
+    parsed = urllib.parse.urlsplit(target.base_url)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout)
+    try:
+        connection.request(
+            "POST", target.path, body=body, headers={"Content-Type": "application/json"}
         )
-    outputs = {o["name"]: o["data"] for o in body.get("outputs", [])}
-    probabilities = outputs.get("fraud_probability", [])
-    return len(probabilities) == rows and len(outputs.get("is_fraud", [])) == rows
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
 
 
-async def run(
-    base_url: str,
-    model: str,
-    protocol: str,
+def drive(
+    target: Target,
     rows: int,
     concurrency: int,
     requests: int,
     payloads: list[dict],
-    warmup: int = 50,
+    warmup: int = 100,
 ) -> Result:
-    url = (
-        f"{base_url}/v1/models/{model}:predict"
-        if protocol == "v1"
-        else f"{base_url}/v2/models/{model}/infer"
-    )
-    build = v1_request if protocol == "v1" else v2_request
+    """`requests` requests over `concurrency` keep-alive connections; every answer checked."""
     bodies = [
-        build([payloads[(i * rows + j) % len(payloads)] for j in range(rows)]) for i in range(64)
+        body_for(target.protocol, [payloads[(i * rows + j) % len(payloads)] for j in range(rows)])
+        for i in range(32)
     ]
+    parsed = urllib.parse.urlsplit(target.base_url)
     latencies: list[float] = []
-    failures = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-        for i in range(warmup):
-            await client.post(url, json=bodies[i % len(bodies)])
-        counter = iter(range(requests))
+    failures = [0]
+    next_index = iter(range(requests))
+    lock = threading.Lock()
+    start_gate = threading.Barrier(concurrency + 1)
 
-        async def worker() -> None:
-            nonlocal failures
-            for i in counter:
-                started = time.perf_counter()
-                try:
-                    response = await client.post(url, json=bodies[i % len(bodies)])
-                    ok = check(protocol, response, rows)
-                except httpx.HTTPError:
-                    ok = False
-                latencies.append((time.perf_counter() - started) * 1000)
-                failures += not ok
+    def stream() -> None:
+        connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
+        headers = {"Content-Type": "application/json"}
+        for i in range(warmup // concurrency + 1):
+            connection.request("POST", target.path, body=bodies[i % 32], headers=headers)
+            connection.getresponse().read()
+        start_gate.wait()
+        local: list[float] = []
+        bad = 0
+        while True:
+            with lock:
+                i = next(next_index, None)
+            if i is None:
+                break
+            started = time.perf_counter()
+            try:
+                connection.request("POST", target.path, body=bodies[i % 32], headers=headers)
+                response = connection.getresponse()
+                payload = response.read()
+                ok = check(target.protocol, response.status, payload, rows)
+            except (OSError, http.client.HTTPException):
+                ok = False
+                connection.close()
+                connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
+            local.append((time.perf_counter() - started) * 1000)
+            bad += not ok
+        connection.close()
+        with lock:
+            latencies.extend(local)
+            failures[0] += bad
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - started
-    return Result(protocol, rows, concurrency, latencies, wall, failures)
+    threads = [threading.Thread(target=stream) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    start_gate.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    return Result(target.name, rows, concurrency, latencies, wall, failures[0])
 
 
 def table(results: list[Result]) -> str:
     header = (
-        f"{'protocol':<8} {'rows':>5} {'conc':>4} {'requests':>8} {'p50 ms':>8} {'p95 ms':>8} "
-        f"{'p99 ms':>8} {'req/s':>8} {'rows/s':>9} {'failed':>6}"
+        f"{'server':<22} {'rows':>4} {'conc':>4} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
+        f"{'req/s':>7} {'rows/s':>8} {'failed':>6}"
     )
     lines = [header, "-" * len(header)]
     for r in results:
         lines.append(
-            f"{r.protocol:<8} {r.rows:>5} {r.concurrency:>4} {len(r.latencies_ms):>8} "
-            f"{r.percentile(50):>8.2f} {r.percentile(95):>8.2f} {r.percentile(99):>8.2f} "
-            f"{r.requests_per_second:>8.0f} {r.requests_per_second * r.rows:>9.0f} "
-            f"{r.failures:>6}"
+            f"{r.target:<22} {r.rows:>4} {r.concurrency:>4} {r.percentile(50):>7.2f} "
+            f"{r.percentile(95):>7.2f} {r.percentile(99):>7.2f} {r.requests_per_second:>7.0f} "
+            f"{r.requests_per_second * r.rows:>8.0f} {r.failures:>6}"
         )
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default="http://127.0.0.1:8080", help="predictor base URL")
-    parser.add_argument("--model", default="fraud-detector", help="model name")
-    parser.add_argument("--protocols", nargs="+", default=["v1", "v2"], choices=["v1", "v2"])
-    parser.add_argument("--rows", nargs="+", type=int, default=[1, 100], help="rows per request")
-    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--requests", type=int, default=1000, help="requests per combination")
-    args = parser.parse_args(argv)
+# ------------------------------------------------------------------ processes of a full run
 
-    payloads = transaction_payloads(generate_transactions(rows=2_000, fraud_rate=0.05, seed=1))
-    results = []
-    for protocol in args.protocols:
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 180) -> float:
+    """Seconds until `url` answers 200 (polled every 20 ms)."""
+    started = time.perf_counter()
+    parsed = urllib.parse.urlsplit(url)
+    while time.perf_counter() - started < timeout:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[:4]} exited with {process.returncode}")
+        try:
+            connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=2)
+            connection.request("GET", parsed.path)
+            if connection.getresponse().status == 200:
+                return time.perf_counter() - started
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise TimeoutError(f"{url} not ready in {timeout} s")
+
+
+class Stack:
+    """The processes of a full run; all stopped (with their children) on exit."""
+
+    def __init__(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="fraud-benchmark-"))
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
+        process = subprocess.Popen(
+            args,
+            cwd=self.workdir,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.processes.append(process)
+        return process
+
+    def stop(self, process: subprocess.Popen) -> None:
+        import signal
+
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(30)
+
+    def close(self) -> None:
+        for process in reversed(self.processes):
+            self.stop(process)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def metric_sum(base_url: str, name: str) -> float:
+    parsed = urllib.parse.urlsplit(base_url)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=10)
+    connection.request("GET", "/metrics")
+    text = connection.getresponse().read().decode()
+    return sum(float(m[3]) for m in re.finditer(rf"^({name})(\{{[^}}]*\}})? (\S+)$", text, re.M))
+
+
+def start_predictor(stack: Stack, tracking_uri: str, workers: int) -> tuple[Target, float]:
+    port = free_port()
+    process = stack.start(
+        f"predictor-{workers}w",
+        [
+            sys.executable,
+            "-m",
+            "predictor",
+            "--http_port",
+            str(port),
+            "--enable_grpc",
+            "false",
+            "--workers",
+            str(workers),
+        ],
+        {"MLFLOW_TRACKING_URI": tracking_uri},
+    )
+    base = f"http://127.0.0.1:{port}"
+    ready = wait_ready(f"{base}/v2/health/ready", process)
+    return Target(f"predictor {workers}w", base, f"/v1/models/{MODEL}:predict", "v1"), ready
+
+
+def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
+    from predictor.training import TrainingConfig, train_and_register
+
+    stack = Stack()
+    try:
+        port = free_port()
+        mlflow_server = stack.start(
+            "mlflow-server",
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{stack.workdir / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(stack.workdir / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        )
+        tracking_uri = f"http://127.0.0.1:{port}"
+        wait_ready(f"{tracking_uri}/health", mlflow_server)
+        print("training and registering the demo model ...", file=sys.stderr)
+        trained = train_and_register(TrainingConfig(), tracking_uri, log=lambda _: None)
+        print(f"model version {trained.version} registered", file=sys.stderr)
+
+        one, one_ready = start_predictor(stack, tracking_uri, workers=1)
+        load_seconds = metric_sum(one.base_url, "fraud_model_load_duration_seconds_sum")
+        peer_port = free_port()
+        peer_process = stack.start(
+            "mlflow-models-serve",
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "models",
+                "serve",
+                "-m",
+                f"models:/{MODEL}@champion",
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(peer_port),
+                "-w",
+                "1",
+            ],
+            {"MLFLOW_TRACKING_URI": tracking_uri},
+        )
+        peer = Target(
+            "mlflow models serve", f"http://127.0.0.1:{peer_port}", "/invocations", "mlflow"
+        )
+        peer_ready = wait_ready(f"{peer.base_url}/ping", peer_process)
+
+        # Same answers first: speed may not change them.
+        sample = payloads[:200]
+        ours = probabilities_of("v1", json.loads(call(one, body_for("v1", sample))[1]))
+        theirs = probabilities_of("mlflow", json.loads(call(peer, body_for("mlflow", sample))[1]))
+        difference = float(np.max(np.abs(np.array(ours) - np.array(theirs))))
+
+        v2 = Target("predictor 1w (V2)", one.base_url, f"/v2/models/{MODEL}/infer", "v2")
+        one.name = "predictor 1w (V1)"
+        results = []
         for rows in args.rows:
             for concurrency in args.concurrency:
-                result = asyncio.run(
-                    run(args.url, args.model, protocol, rows, concurrency, args.requests, payloads)
-                )
-                results.append(result)
+                count = args.requests if rows == 1 else max(100, args.requests // 4)
+                for target in (one, v2, peer):
+                    peer_count = count if target is not peer else max(100, count // 5)
+                    results.append(drive(target, rows, concurrency, peer_count, payloads))
+                    print(f"  {target.name} rows={rows} c={concurrency} done", file=sys.stderr)
+        stack.stop(peer_process)
+        stack.stop(stack.processes[1])  # the 1-worker predictor: free the cores
+
+        two, two_ready = start_predictor(stack, tracking_uri, workers=2)
+        two.name = "predictor 2w (V1)"
+        scaling = []
+        for rows in args.rows:
+            result = drive(two, rows, max(args.concurrency), args.requests, payloads)
+            results.append(result)
+            scaling.append(result)
+
+        print(table(results))
+        print()
+
+        def find(name: str, rows: int, concurrency: int) -> Result:
+            return next(
+                r
+                for r in results
+                if r.target == name and r.rows == rows and r.concurrency == concurrency
+            )
+
+        high = max(args.concurrency)
+        for rows in args.rows:
+            for concurrency in args.concurrency:
+                mine = find("predictor 1w (V1)", rows, concurrency)
+                peer_result = find("mlflow models serve", rows, concurrency)
+                latency_ratio = peer_result.percentile(50) / mine.percentile(50)
+                throughput_ratio = mine.requests_per_second / peer_result.requests_per_second
                 print(
-                    f"{protocol} rows={rows} c={concurrency}: "
-                    f"p50 {statistics.median(result.latencies_ms):.2f} ms",
-                    file=sys.stderr,
+                    f"rows={rows:<3} c={concurrency}: p50 {latency_ratio:5.1f}x lower, "
+                    f"throughput {throughput_ratio:5.1f}x higher than mlflow models serve"
                 )
+        for result in scaling:
+            base = find("predictor 1w (V1)", result.rows, high)
+            print(
+                f"2 workers vs 1, rows={result.rows} c={high}: "
+                f"{result.requests_per_second / base.requests_per_second:.2f}x throughput"
+            )
+        print(
+            f"start -> ready: predictor 1 worker {one_ready:.1f} s, 2 workers {two_ready:.1f} s "
+            f"(model load {load_seconds:.2f} s of it), mlflow models serve {peer_ready:.1f} s"
+        )
+        print(f"max |probability difference| vs mlflow models serve: {difference:.1e}")
+        return 1 if any(r.failures for r in results) or difference > 1e-9 else 0
+    finally:
+        stack.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="measure this running predictor only (no peer)")
+    parser.add_argument("--rows", nargs="+", type=int, default=[1, 100], help="rows per request")
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--requests", type=int, default=2000, help="requests per measurement")
+    args = parser.parse_args(argv)
+    payloads = transaction_payloads(generate_transactions(rows=2_000, fraud_rate=0.05, seed=1))
+    if not args.url:
+        return full_run(args, payloads)
+    results = []
+    for protocol, path in (
+        ("v1", f"/v1/models/{MODEL}:predict"),
+        ("v2", f"/v2/models/{MODEL}/infer"),
+    ):
+        target = Target(f"predictor ({protocol.upper()})", args.url.rstrip("/"), path, protocol)
+        for rows in args.rows:
+            for concurrency in args.concurrency:
+                results.append(drive(target, rows, concurrency, args.requests, payloads))
     print(table(results))
     return 1 if any(r.failures for r in results) else 0
 

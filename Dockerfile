@@ -1,0 +1,46 @@
+# syntax=docker/dockerfile:1.7
+# Fraud-detection model server (KServe V1/V2, MLflow registry). Build: docker build -t fraud-predictor .
+
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+
+# ---- build: the locked runtime dependencies and the package, in /opt/venv, with bytecode
+FROM ghcr.io/astral-sh/uv:0.9.7 AS uv
+FROM ${PYTHON_IMAGE} AS build
+COPY --from=uv /uv /usr/local/bin/uv
+# Compiled bytecode: imports of kserve + mlflow take ~4 s instead of ~13 s at start-up.
+ENV UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_PROJECT_ENVIRONMENT=/opt/venv
+WORKDIR /src
+COPY pyproject.toml uv.lock ./
+RUN --mount=type=cache,target=/root/.cache/uv \
+    uv sync --frozen --no-dev --no-install-project
+COPY README.md ./
+COPY predictor ./predictor
+RUN --mount=type=cache,target=/root/.cache/uv \
+    uv sync --frozen --no-dev --no-editable
+
+# ---- runtime: slim Python, the venv only, a fixed non-root user, nothing written but /tmp
+FROM ${PYTHON_IMAGE}
+ARG VERSION=dev
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="fraud-predictor" \
+      org.opencontainers.image.description="Fraud-detection model server on KServe, fed from an MLflow model registry" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}"
+COPY --from=build /opt/venv /opt/venv
+# HOME and the embedded store live in /tmp, so the root filesystem can be read-only.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp \
+    LOCAL_STORE_DIR=/tmp/mlflow-local \
+    MPLCONFIGDIR=/tmp/matplotlib
+WORKDIR /tmp
+USER 10001:10001
+EXPOSE 8080 8081
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/v2/health/live', timeout=2)"]
+ENTRYPOINT ["python", "-m", "predictor"]
