@@ -22,7 +22,7 @@ logger = logging.getLogger("predictor.model")
 MODEL_VERSION_HEADER = "x-model-version"
 #: Requests up to this many rows are validated and scored on the event loop (well under a
 #: millisecond of CPU); larger ones go to the thread pool so they never stall the loop.
-INLINE_MAX_ROWS = 32
+INLINE_MAX_ROWS = 128
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,15 @@ import subprocess
 import sys
 import time
 
+import mlflow
 import numpy as np
 import pytest
 import requests
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
-from mlflow import MlflowClient
 
 from predictor import registry
 from predictor.codec import V2_INPUTS
-from predictor.features import build_features
+from predictor.features import build_features, feature_frame
 from predictor.schema import FIELD_ORDER, validate_transactions
 
 MODEL = "fraud-detector"
@@ -47,11 +47,12 @@ def v2_body(transactions: list[dict], request_id: str | None = None) -> dict:
     return body
 
 
-def in_process_probabilities(mlflow_url: str, transactions: list[dict]) -> np.ndarray:
-    client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
-    loaded = registry.load(registry.resolve(client, f"models:/{MODEL}@champion"), mlflow_url)
-    features = build_features(validate_transactions(transactions))
-    return loaded.estimator.predict_proba(features)[:, 1]
+def registered_models_own_probabilities(mlflow_url: str, transactions: list[dict]) -> np.ndarray:
+    """The registered model through MLflow's own loader (pyfunc predict_fn=predict_proba)."""
+    registry.connect(mlflow_url)
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    frame = feature_frame(build_features(validate_transactions(transactions)))
+    return np.asarray(model.predict(frame))[:, 1]
 
 
 def test_v1_objects_get_probability_decision_and_version(served, champion, example_transactions):
@@ -146,8 +147,11 @@ def test_served_probabilities_equal_the_registered_models_own(
 ):
     body = requests.post(v1_url(served), json={"instances": example_transactions}).json()
     served_p = np.array([p["fraud_probability"] for p in body["predictions"]])
-    own = in_process_probabilities(mlflow_server.url, example_transactions)
-    np.testing.assert_allclose(served_p, own, rtol=0, atol=1e-12)
+    own = registered_models_own_probabilities(mlflow_server.url, example_transactions)
+    np.testing.assert_allclose(served_p, own, rtol=0, atol=1e-9)
+    v2 = requests.post(v2_url(served), json=v2_body(example_transactions)).json()
+    served_v2 = {o["name"]: o["data"] for o in v2["outputs"]}["fraud_probability"]
+    np.testing.assert_allclose(served_v2, own, rtol=0, atol=1e-9)
 
 
 def test_kserve_rest_client_speaks_v1_and_v2(served, champion, example_transactions):
