@@ -69,7 +69,7 @@ class WrongOutputs(BaseHTTPRequestHandler):
                 {
                     "name": "fraud-detector",
                     "inputs": [
-                        {"name": n, "datatype": t, "shape": [-1]} for n, t in V2_TYPES.items()
+                        {"name": n, "datatype": t, "shape": [-1]} for n, t in V2_INPUTS.items()
                     ],
                     "outputs": [
                         {"name": "fraud_probability", "datatype": "FP64", "shape": [-1]},
