@@ -17,13 +17,18 @@ import json
 import warnings
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import FastAPIDeprecationWarning, RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve import ModelServer
 from kserve import model_server as kserve_model_server
+from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER, PredictorProtocol
+from kserve.errors import InvalidInput, ModelNotReady
 from kserve.model_repository import ModelRepository
 from kserve.protocol.dataplane import DataPlane
+from kserve.protocol.rest.v2_datamodels import InferenceRequest
+from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from predictor import metrics, runtime
@@ -118,16 +123,61 @@ async def metrics_endpoint(_: Request) -> Response:
     return Response(content=body, media_type=content_type)
 
 
-async def request_validation_handler(_: Request, error: RequestValidationError) -> JSONResponse:
-    """A malformed body is the client's error: 400 naming the field, like InvalidInput."""
+def describe_errors(errors: list[dict[str, Any]]) -> str:
+    """pydantic/FastAPI error items as one line: ``inputs.0.datatype: Field required``."""
     parts = []
-    for item in error.errors()[:5]:
+    for item in errors[:5]:
         loc = [str(key) for key in item.get("loc", ()) if key != "body"]
         if item.get("type") == "json_invalid":
             parts.append(f"request body is not valid JSON ({item.get('msg')})")
         else:
             parts.append(f"{'.'.join(loc) or 'body'}: {item.get('msg')}")
-    return JSONResponse(status_code=400, content={"error": "; ".join(parts)})
+    return "; ".join(parts)
+
+
+async def request_validation_handler(_: Request, error: RequestValidationError) -> JSONResponse:
+    """A malformed body is the client's error: 400 naming the field, like InvalidInput."""
+    return JSONResponse(status_code=400, content={"error": describe_errors(error.errors())})
+
+
+def v2_infer_endpoint(dataplane: DataPlane):
+    """KServe's V2 infer endpoint without FastAPI's round trip through pydantic and
+    `jsonable_encoder` on the way out (~16 % of a 100-row request, profiled): the body is
+    parsed with orjson, checked with KServe's own request model, and the response dict
+    from `InferResponse.to_rest()` is written with orjson. Binary-extension requests
+    (`inference-header-content-length`) are passed to KServe's decoder as before.
+    """
+
+    async def infer(raw_request: Request, model_name: str) -> Response:
+        if not await dataplane.model_ready(model_name, True):
+            raise ModelNotReady(model_name)
+        body = await raw_request.body()
+        headers = dict(raw_request.headers)
+        request_body: bytes | InferenceRequest = body
+        if INFERENCE_CONTENT_LENGTH_HEADER not in headers:
+            try:
+                request_body = InferenceRequest.model_validate_json(body)
+            except ValidationError as error:
+                raise InvalidInput(describe_errors(error.errors(include_url=False))) from None
+        infer_request, _ = dataplane.decode(
+            request_body,
+            headers,
+            protocol_version=PredictorProtocol.REST_V2.value,
+            model_name=model_name,
+        )
+        response, response_headers = await dataplane.infer(
+            model_name=model_name, request=infer_request, headers=headers
+        )
+        response, encode_headers = dataplane.encode(
+            model_name=model_name, response=response, headers=headers, req_attributes={}
+        )
+        response_headers.update(encode_headers)
+        response_headers.pop("content-length", None)
+        media_type = response_headers.pop("content-type", "application/json")
+        content = response if isinstance(response, bytes) else orjson.dumps(response)
+        return Response(content=content, headers=response_headers, media_type=media_type)
+
+    return infer
 
 
 class FraudDataPlane(DataPlane):
@@ -141,7 +191,7 @@ class FraudDataPlane(DataPlane):
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickled in a spawned KServe worker process: make this process ready to serve."""
         self.__dict__.update(state)
-        prepare_serving_process(self.settings, self.model_registry)
+        prepare_serving_process(self)
 
     async def ready(self) -> bool:
         """Server readiness per the V2 spec: every model is ready, in every worker."""
@@ -160,7 +210,7 @@ class FraudDataPlane(DataPlane):
         return metadata
 
 
-def install_http_edges(app: FastAPI, settings: Settings) -> None:
+def install_http_edges(app: FastAPI, settings: Settings, dataplane: DataPlane) -> None:
     """Add this server's middleware, handlers and routes to KServe's app, before it starts.
 
     Routes added here take precedence over KServe's, which are registered at start-up.
@@ -169,15 +219,23 @@ def install_http_edges(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(ErrorCounter)
     app.add_exception_handler(RequestValidationError, request_validation_handler)
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
+    app.add_api_route(
+        "/v2/models/{model_name}/infer",
+        v2_infer_endpoint(dataplane),
+        methods=["POST"],
+        response_model=None,
+        tags=["V2"],
+    )
 
 
-def prepare_serving_process(settings: Settings, models: ModelRepository) -> None:
+def prepare_serving_process(dataplane: FraudDataPlane) -> None:
     """Everything a process that answers HTTP needs: edges, and models loading themselves."""
+    settings, models = dataplane.settings, dataplane.model_registry
     configure_logging(settings.log_format)
     quiet_kserve_logging()
     # KServe's V1 endpoints use ORJSONResponse, which FastAPI warns about on every request.
     warnings.filterwarnings("ignore", category=FastAPIDeprecationWarning)
-    install_http_edges(kserve_model_server.app, settings)
+    install_http_edges(kserve_model_server.app, settings, dataplane)
     for model in models.get_models().values():
         if isinstance(model, FraudModel):
             model.start_watching()
@@ -194,5 +252,5 @@ def build_server(model: FraudModel, settings: Settings, **server_args: Any) -> M
     model.enable_latency_logging = server.enable_latency_logging
     server.register_model(model)
     if server.workers == 1:
-        prepare_serving_process(settings, server.registered_models)
+        prepare_serving_process(server.dataplane)
     return server
