@@ -20,8 +20,8 @@ from predictor.settings import Settings
 logger = logging.getLogger("predictor.model")
 
 MODEL_VERSION_HEADER = "x-model-version"
-#: Requests up to this many rows are validated and scored on the event loop (well under a
-#: millisecond of CPU); larger ones go to the thread pool so they never stall the loop.
+#: Requests up to this many rows are validated and scored on the event loop (at most about
+#: 2 ms of CPU); larger ones go to the thread pool so they never stall the loop.
 INLINE_MAX_ROWS = 128
 
 
@@ -79,7 +79,11 @@ class FraudModel(Model):
         super().stop()
 
     def load(self) -> bool:
-        """Resolve MODEL_URI to a version, load it into memory and start serving it (once)."""
+        """Resolve MODEL_URI to a version, load it into memory and serve it: one attempt.
+
+        `python -m predictor` loads through `start_watching` instead (retries, hot reload);
+        this is for embedding the model in another ModelServer, as KServe's samples do.
+        """
         tracking_uri = self.settings.tracking_uri
         ref = registry.resolve(registry.connect(tracking_uri), self.settings.model_uri)
         self.serve(registry.load(ref, tracking_uri))

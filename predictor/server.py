@@ -14,6 +14,7 @@ process is prepared in `python -m predictor`.
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from typing import Any
 
@@ -253,4 +254,9 @@ def build_server(model: FraudModel, settings: Settings, **server_args: Any) -> M
     server.register_model(model)
     if server.workers == 1:
         prepare_serving_process(server.dataplane)
+    elif settings.uses_embedded_store:
+        # Bootstrap once here, before N workers race to train into one sqlite file.
+        from predictor.training import ensure_demo_model
+
+        ensure_demo_model(settings, log=logging.getLogger("predictor.server").info)
     return server

@@ -16,8 +16,10 @@ from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
 from predictor import registry
 from predictor.codec import V2_INPUTS
-from predictor.features import build_features, feature_frame
+from predictor.features import FEATURE_NAMES, build_features, feature_frame
+from predictor.model import FraudModel
 from predictor.schema import FIELD_ORDER, validate_transactions
+from predictor.settings import Settings
 
 MODEL = "fraud-detector"
 
@@ -53,6 +55,16 @@ def registered_models_own_probabilities(mlflow_url: str, transactions: list[dict
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     frame = feature_frame(build_features(validate_transactions(transactions)))
     return np.asarray(model.predict(frame))[:, 1]
+
+
+def test_load_pins_the_alias_to_a_version_in_memory(mlflow_server, champion, example_transactions):
+    model = FraudModel(MODEL, Settings(mlflow_tracking_uri=mlflow_server.url))
+    assert model.load() is True and model.ready
+    assert model.serving.version == champion.version
+    assert model.serving.threshold == pytest.approx(champion.threshold, abs=1e-6)
+    assert model.serving.loaded.ref.alias == "champion"
+    batch = model._decode({"instances": example_transactions[:3]})
+    assert batch.features.shape == (3, len(FEATURE_NAMES))
 
 
 def test_v1_objects_get_probability_decision_and_version(served, champion, example_transactions):
