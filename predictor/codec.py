@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import orjson
 from kserve.errors import InvalidInput
-from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
 
 from predictor.schema import (
     FIELD_ORDER,
@@ -121,17 +121,11 @@ def decode_v2(request: InferRequest, max_rows: int) -> list[Transaction]:
         shape = list(tensor.shape or [])
         if len(shape) != 1:
             raise InvalidInput(f"input {tensor.name!r}: shape must be [n], got {shape}")
-        data = tensor.data
-        if not isinstance(data, list):
+        values = _tensor_values(tensor, shape)
+        if len(values) != shape[0]:
             raise InvalidInput(
-                f"input {tensor.name!r}: data must be a JSON list (binary tensors are not accepted)"
+                f"input {tensor.name!r}: shape {shape} but {len(values)} data elements"
             )
-        if len(data) != shape[0]:
-            raise InvalidInput(
-                f"input {tensor.name!r}: shape {shape} but {len(data)} data elements"
-            )
-        if any(isinstance(item, list) for item in data):
-            raise InvalidInput(f"input {tensor.name!r}: data must be flat for shape [n]")
         if length is None:
             length = shape[0]
         elif shape[0] != length:
@@ -139,7 +133,7 @@ def decode_v2(request: InferRequest, max_rows: int) -> list[Transaction]:
                 f"inputs: all tensors need the same length; {tensor.name!r} has {shape[0]}, "
                 f"{inputs[0].name!r} has {length}"
             )
-        columns[tensor.name] = data
+        columns[tensor.name] = values
     _check_rows(length or 0, "inputs", max_rows)
     ordered = [columns[name] for name in FIELD_ORDER]
     rows = [dict(zip(FIELD_ORDER, values, strict=True)) for values in zip(*ordered, strict=True)]
@@ -147,6 +141,32 @@ def decode_v2(request: InferRequest, max_rows: int) -> list[Transaction]:
         return validate_transactions(rows, locate=_tensor_location)
     except InvalidTransactions as error:
         raise InvalidInput(str(error)) from None
+
+
+def _tensor_values(tensor: InferInput, shape: list[int]) -> list[Any]:
+    """A tensor's elements as plain Python values, whether they came as JSON data, gRPC
+    contents or binary (gRPC raw contents, the REST binary extension)."""
+    name = tensor.name
+    if getattr(tensor, "_raw_data", None) is not None:
+        try:
+            values = tensor.as_numpy().reshape(-1).tolist()
+        except (ValueError, TypeError, InvalidInput) as error:
+            raise InvalidInput(
+                f"input {name!r}: binary data does not hold {shape} {tensor.datatype} values "
+                f"({error})"
+            ) from None
+    elif isinstance(tensor.data, list):
+        values = tensor.data
+        if any(isinstance(item, list) for item in values):
+            raise InvalidInput(f"input {name!r}: data must be flat for shape [n]")
+    else:
+        raise InvalidInput(f"input {name!r}: data must be a list")
+    if tensor.datatype == "BYTES":
+        try:
+            values = [v.decode("utf-8") if isinstance(v, bytes) else v for v in values]
+        except UnicodeDecodeError:
+            raise InvalidInput(f"input {name!r}: BYTES elements must be UTF-8 text") from None
+    return values
 
 
 def encode_v1(probabilities: np.ndarray, decisions: np.ndarray, version: str) -> dict[str, Any]:

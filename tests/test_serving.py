@@ -12,7 +12,14 @@ import mlflow
 import numpy as np
 import pytest
 import requests
-from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+from kserve import (
+    InferenceGRPCClient,
+    InferenceRESTClient,
+    InferInput,
+    InferRequest,
+    RESTConfig,
+)
+from support import free_port
 
 from predictor import registry
 from predictor.codec import V2_INPUTS
@@ -166,7 +173,8 @@ def test_served_probabilities_equal_the_registered_models_own(
     np.testing.assert_allclose(served_v2, own, rtol=0, atol=1e-9)
 
 
-def test_kserve_rest_client_speaks_v1_and_v2(served, champion, example_transactions):
+@pytest.mark.parametrize("binary", [False, True], ids=["json-tensors", "binary-tensors"])
+def test_kserve_rest_client_speaks_v1_and_v2(served, champion, example_transactions, binary):
     transactions = example_transactions[:4]
 
     async def call():
@@ -184,7 +192,7 @@ def test_kserve_rest_client_speaks_v1_and_v2(served, champion, example_transacti
                     np.array(
                         [t[name] for t in transactions], dtype=object if dtype == "BYTES" else None
                     ),
-                    binary_data=False,
+                    binary_data=binary,
                 )
                 inputs.append(tensor)
             request = InferRequest(model_name=MODEL, infer_inputs=inputs, request_id="kserve-1")
@@ -207,6 +215,38 @@ def test_kserve_rest_client_speaks_v1_and_v2(served, champion, example_transacti
     np.testing.assert_allclose(
         probabilities, [p["fraud_probability"] for p in v1_result["predictions"]], atol=0
     )
+
+
+def test_v2_over_grpc_answers_like_v1(start_predictor, mlflow_server, example_transactions):
+    grpc_port = free_port()
+    predictor = start_predictor(
+        env={"MLFLOW_TRACKING_URI": mlflow_server.url},
+        args=["--enable_grpc", "true", "--grpc_port", str(grpc_port)],
+    )
+    transactions = example_transactions[:6]
+
+    async def call(binary: bool):
+        client = InferenceGRPCClient(f"127.0.0.1:{grpc_port}", timeout=30)
+        try:
+            inputs = []
+            for name, dtype in V2_INPUTS.items():
+                tensor = InferInput(name, [len(transactions)], dtype)
+                values = [t[name] for t in transactions]
+                array = np.array(values, dtype=object if dtype == "BYTES" else None)
+                tensor.set_data_from_numpy(array, binary_data=binary)
+                inputs.append(tensor)
+            request = InferRequest(model_name=MODEL, infer_inputs=inputs, request_id="grpc-1")
+            return await client.infer(request)
+        finally:
+            await client.close()
+
+    v1 = requests.post(v1_url(predictor), json={"instances": transactions}).json()
+    expected = [p["fraud_probability"] for p in v1["predictions"]]
+    for binary in (True, False):
+        result = asyncio.run(call(binary))
+        assert result.id == "grpc-1"
+        outputs = {o.name: o.as_numpy() for o in result.outputs}
+        np.testing.assert_allclose(outputs["fraud_probability"], expected, rtol=0, atol=1e-12)
 
 
 def test_one_large_batch_does_not_stall_health_checks(served, example_transactions):
