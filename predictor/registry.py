@@ -205,10 +205,13 @@ def check_signature(mlmodel: Model) -> None:
 
 
 def _input_example(mlmodel: Model, model_dir: Path) -> np.ndarray | None:
+    """The version's logged input example as the feature matrix, if it logged one."""
     if mlmodel.saved_input_example_info is None:
         return None
     example = mlmodel.load_input_example(str(model_dir))
-    frame = example if hasattr(example, "columns") else None
-    if frame is None:
+    try:
+        if hasattr(example, "columns"):
+            return example[list(FEATURE_NAMES)].to_numpy(dtype=np.float64)
         return np.asarray(example, dtype=np.float64)
-    return frame[list(FEATURE_NAMES)].to_numpy(dtype=np.float64)
+    except (KeyError, ValueError, TypeError) as error:
+        raise ModelLoadError(f"the input example does not fit the features: {error}") from None

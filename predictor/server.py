@@ -211,12 +211,12 @@ class FraudDataPlane(DataPlane):
         return metadata
 
 
-def install_http_edges(app: FastAPI, settings: Settings, dataplane: DataPlane) -> None:
+def install_http_edges(app: FastAPI, dataplane: FraudDataPlane) -> None:
     """Add this server's middleware, handlers and routes to KServe's app, before it starts.
 
     Routes added here take precedence over KServe's, which are registered at start-up.
     """
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=dataplane.settings.max_request_bytes)
     app.add_middleware(ErrorCounter)
     app.add_exception_handler(RequestValidationError, request_validation_handler)
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
@@ -231,13 +231,12 @@ def install_http_edges(app: FastAPI, settings: Settings, dataplane: DataPlane) -
 
 def prepare_serving_process(dataplane: FraudDataPlane) -> None:
     """Everything a process that answers HTTP needs: edges, and models loading themselves."""
-    settings, models = dataplane.settings, dataplane.model_registry
-    configure_logging(settings.log_format)
+    configure_logging(dataplane.settings.log_format)
     quiet_kserve_logging()
     # KServe's V1 endpoints use ORJSONResponse, which FastAPI warns about on every request.
     warnings.filterwarnings("ignore", category=FastAPIDeprecationWarning)
-    install_http_edges(kserve_model_server.app, settings, dataplane)
-    for model in models.get_models().values():
+    install_http_edges(kserve_model_server.app, dataplane)
+    for model in dataplane.model_registry.get_models().values():
         if isinstance(model, FraudModel):
             model.start_watching()
 
