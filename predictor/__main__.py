@@ -48,7 +48,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format)
-    registry.configure_http(settings.model_load_timeout_seconds)
+    registry.configure_client(settings.model_load_timeout_seconds)
     model = FraudModel(args.model_name, settings)
     server = build_server(
         model,

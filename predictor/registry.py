@@ -67,10 +67,17 @@ class LoadedModel:
     input_example: np.ndarray | None
 
 
-def configure_http(timeout_seconds: float, max_retries: int = 0) -> None:
-    """Bound MLflow's HTTP calls; its defaults (120 s timeout, 7 retries) stall for minutes."""
+def configure_client(timeout_seconds: float) -> None:
+    """Bound MLflow's HTTP calls and forbid pickle in this process.
+
+    MLflow's defaults (120 s timeout, 7 retries with backoff) stall for minutes on an
+    unreachable registry; the server retries on its own schedule instead. Models are
+    loaded with skops and the server's trusted types, so no MLflow code path here ever
+    needs to unpickle (MLFLOW_ALLOW_PICKLE_DESERIALIZATION can still be set explicitly).
+    """
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, round(timeout_seconds)))
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(max_retries)
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
 
 
 def connect(tracking_uri: str) -> MlflowClient:

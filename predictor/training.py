@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -376,12 +377,29 @@ def ensure_demo_model(settings: Settings, log: Log = print) -> None:
         f"embedded store {settings.local_store_dir} has no {settings.model_uri}: "
         "training and registering the demo model"
     )
-    train_and_register(
-        TrainingConfig(model_name=name, alias=alias, force=True),
-        tracking_uri,
-        embedded_artifact_location(settings.local_store_dir),
-        log=log,
-    )
+    # MLflow checks a freshly logged model by reloading it through pyfunc, which the server
+    # process forbids; this model is the one being written right here, so allow it meanwhile.
+    with _environment(MLFLOW_ALLOW_PICKLE_DESERIALIZATION="true"):
+        train_and_register(
+            TrainingConfig(model_name=name, alias=alias, force=True),
+            tracking_uri,
+            embedded_artifact_location(settings.local_store_dir),
+            log=log,
+        )
+
+
+@contextmanager
+def _environment(**variables: str) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def build_parser() -> argparse.ArgumentParser:
