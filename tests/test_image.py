@@ -77,6 +77,8 @@ def test_compose_runs_mlflow_then_trainer_then_predictor(compose):
         assert services[name]["healthcheck"]["test"][0] == "CMD"
     assert "/v2/health/ready" in " ".join(services["predictor"]["healthcheck"]["test"])
     assert services["predictor"]["read_only"] is True
+    for name in ("trainer", "predictor"):  # built here, never pulled
+        assert services[name]["build"] == "." and services[name]["image"] == "fraud-predictor:local"
 
 
 def test_compose_persists_mlflow_backend_and_artifacts(compose):
