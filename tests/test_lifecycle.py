@@ -225,13 +225,21 @@ def test_sigterm_lets_accepted_slow_requests_finish(start_predictor, mlflow_serv
     predictor = start_predictor(env={"MLFLOW_TRACKING_URI": mlflow_server.url})
     big = [ROW] * 10_000
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        futures = [pool.submit(predict, predictor.url, big, 120) for _ in range(4)]
-        time.sleep(0.5)  # all four are sent and being worked on
+    def timed_predict() -> tuple[requests.Response, float]:
+        response = predict(predictor.url, big, 120)
+        return response, time.monotonic()
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+        futures = [pool.submit(timed_predict) for _ in range(6)]
+        time.sleep(0.5)  # all six are sent; the server works through them one by one
+        signalled = time.monotonic()
         predictor.process.send_signal(signal.SIGTERM)
-        responses = [future.result(timeout=120) for future in futures]
-    assert [r.status_code for r in responses] == [200] * 4
-    assert all(len(r.json()["predictions"]) == 10_000 for r in responses)
+        results = [future.result(timeout=120) for future in futures]
+    assert [r.status_code for r, _ in results] == [200] * 6
+    assert all(len(r.json()["predictions"]) == 10_000 for r, _ in results)
+    finished_after_signal = sum(done > signalled for _, done in results)
+    print(f"{finished_after_signal} of 6 requests finished after SIGTERM")
+    assert finished_after_signal >= 1, "every request finished before SIGTERM: nothing drained"
     assert predictor.process.wait(timeout=60) == 0
     with pytest.raises(requests.ConnectionError):
         predict(predictor.url)
