@@ -121,6 +121,8 @@ def decode_v2(request: InferRequest, max_rows: int) -> list[Transaction]:
         shape = list(tensor.shape or [])
         if len(shape) != 1:
             raise InvalidInput(f"input {tensor.name!r}: shape must be [n], got {shape}")
+        if shape[0] > max_rows:  # refuse before decoding any data
+            _check_rows(shape[0], f"input {tensor.name!r}", max_rows)
         values = _tensor_values(tensor, shape)
         if len(values) != shape[0]:
             raise InvalidInput(

@@ -421,6 +421,12 @@ BAD_INPUTS = {
         "at least one transaction",
     ),
     "v2 inputs not a list": (V2, {"inputs": 5}, 400, "inputs"),
+    "v2 too many rows": (
+        V2,
+        {"inputs": [{**t, "shape": [10_001]} for t in v2_body([GOOD])["inputs"]]},
+        400,
+        "10001 rows exceed the limit of 10000 (MAX_BATCH_ROWS)",
+    ),
     "v2 tensor without datatype": (
         V2,
         {"inputs": [{"name": "amount", "shape": [1], "data": [1.0]}]},
