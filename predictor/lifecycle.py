@@ -107,7 +107,7 @@ class ModelWatcher:
                 _one_line(error),
                 delay,
             )
-            metrics.MODEL_LOADS.labels(kind=kind, outcome="failure").inc()
+            metrics.MODEL_LOADS.labels(kind=kind, outcome="registry_error").inc()
             return delay
 
         if serving is not None and serving.version == ref.version:

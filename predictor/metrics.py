@@ -32,7 +32,8 @@ MODEL_INFO = Gauge(
 )
 MODEL_LOADS = Counter(
     "fraud_model_load_attempts",
-    "Model load attempts: initial load or reload, by outcome.",
+    "Model load attempts, initial or reload: success, failure (the version failed to load or"
+    " its checks) or registry_error (the registry could not be asked).",
     ["kind", "outcome"],
 )
 MODEL_LOAD_SECONDS = Histogram(

@@ -76,6 +76,7 @@ def test_starts_live_without_registry_and_becomes_ready_when_model_appears(
     log = predictor.log()
     assert "registry lookup of models:/fraud-detector@champion" in log
     assert "failed (attempt 1)" in log
+    assert metric(predictor.url, "fraud_model_load_attempts_total", outcome="registry_error") >= 1
 
 
 def test_keeps_serving_when_the_registry_dies(start_predictor, tmp_path):
