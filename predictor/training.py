@@ -38,7 +38,6 @@ from predictor.settings import (
     DEFAULT_MODEL_NAME,
     Settings,
     embedded_artifact_location,
-    embedded_tracking_uri,
 )
 
 DEFAULT_EXPERIMENT = "fraud-detection"
@@ -349,6 +348,15 @@ def _decide(
     )
 
 
+def mlflow_destination(settings: Settings) -> tuple[str, str | None]:
+    """(tracking URI, artifact location for new experiments); the embedded store keeps its
+    artifacts beside its sqlite file, a remote server decides for itself."""
+    if not settings.uses_embedded_store:
+        return settings.tracking_uri, None
+    settings.local_store_dir.mkdir(parents=True, exist_ok=True)
+    return settings.tracking_uri, embedded_artifact_location(settings.local_store_dir)
+
+
 def ensure_demo_model(settings: Settings, log: Log = print) -> None:
     """Embedded store only: train and register the demo model if MODEL_URI finds nothing.
 
@@ -358,8 +366,7 @@ def ensure_demo_model(settings: Settings, log: Log = print) -> None:
 
     if not settings.uses_embedded_store:
         raise ValueError("the demo model is only bootstrapped into the embedded store")
-    settings.local_store_dir.mkdir(parents=True, exist_ok=True)
-    tracking_uri = embedded_tracking_uri(settings.local_store_dir)
+    tracking_uri, artifact_location = mlflow_destination(settings)
     try:
         registry.resolve(registry.connect(tracking_uri), settings.model_uri)
         return
@@ -383,7 +390,7 @@ def ensure_demo_model(settings: Settings, log: Log = print) -> None:
         train_and_register(
             TrainingConfig(model_name=name, alias=alias, force=True),
             tracking_uri,
-            embedded_artifact_location(settings.local_store_dir),
+            artifact_location,
             log=log,
         )
 
@@ -464,13 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         if config.rows < 100 or not 0 < config.fraud_rate < 1:
             raise InvalidDataset("--rows must be >= 100 and --fraud-rate between 0 and 1")
-        tracking_uri = settings.tracking_uri
-        artifact_location = None
-        if settings.uses_embedded_store:
-            settings.local_store_dir.mkdir(parents=True, exist_ok=True)
-            tracking_uri = embedded_tracking_uri(settings.local_store_dir)
-            artifact_location = embedded_artifact_location(settings.local_store_dir)
-        train_and_register(config, tracking_uri, artifact_location)
+        train_and_register(config, *mlflow_destination(settings))
     except (InvalidDataset, ConfigurationError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

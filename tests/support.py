@@ -17,7 +17,6 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_NAME = "fraud-detector"
 # Small but learnable: fast to fit, enough fraud rows for stable metrics.
 TEST_ROWS = 20_000
 
