@@ -1,5 +1,7 @@
 # syntax=docker/dockerfile:1.7
-# Fraud-detection model server (KServe V1/V2, MLflow registry). Build: docker build -t fraud-predictor .
+# Fraud-detection model server (KServe V1/V2, MLflow registry).
+#   docker build -t fraud-predictor .                                  # the server (default)
+#   docker build --target trainer -t fraud-predictor-trainer .         # one training run
 
 # ---- build: the locked runtime dependencies and the package, in /opt/venv, with bytecode
 FROM ghcr.io/astral-sh/uv:0.9.7 AS uv
@@ -19,8 +21,8 @@ COPY predictor ./predictor
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-editable
 
-# ---- runtime: slim Python, the venv only, a fixed non-root user, nothing written but /tmp
-FROM python:3.11.14-slim-bookworm
+# ---- runtime: slim Python, the venv only, a named non-root user, nothing written but /tmp
+FROM python:3.11.14-slim-bookworm AS runtime
 ARG VERSION=dev
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="fraud-predictor" \
@@ -28,6 +30,10 @@ LABEL org.opencontainers.image.title="fraud-predictor" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}"
+# A passwd entry for UID 10001: MLflow tags runs with getpass.getuser(), which needs one.
+RUN groupadd --system --gid 10001 predictor \
+    && useradd --system --no-log-init --uid 10001 --gid 10001 --home-dir /tmp \
+       --no-create-home --shell /usr/sbin/nologin predictor
 COPY --from=build /opt/venv /opt/venv
 # HOME and the embedded store live in /tmp, so the root filesystem can be read-only.
 ENV PATH=/opt/venv/bin:$PATH \
@@ -38,6 +44,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     MPLCONFIGDIR=/tmp/matplotlib
 WORKDIR /tmp
 USER 10001:10001
+
+# ---- trainer: one training run against MLFLOW_TRACKING_URI (the compose stack's trainer)
+FROM runtime AS trainer
+ENTRYPOINT ["python", "-m", "predictor.training"]
+
+# ---- serving (the default target): the model server
+FROM runtime AS serving
 EXPOSE 8080 8081
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/v2/health/live', timeout=2)"]

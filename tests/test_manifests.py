@@ -313,11 +313,197 @@ def test_every_application_path_exists_and_renders():
             assert (group, obj["kind"]) in allowed, obj["kind"]
 
 
-def test_inferenceservice_application_ignores_webhook_defaults():
-    application = yaml.safe_load((ROOT / "argocd" / "application-kserve.yaml").read_text())
-    (entry,) = application["spec"]["ignoreDifferences"]
-    assert (entry["group"], entry["kind"]) == ("serving.kserve.io", "InferenceService")
-    assert entry["jqPathExpressions"]
+# ------------------------------------------------------- what the cluster's controllers do
+
+# KServe's pod webhook (kserve v0.20.0, pkg/webhook/admission/pod/metrics_aggregate_injector.go)
+# fills a missing enable-prometheus-scraping / enable-metric-aggregation annotation from the
+# cluster's inferenceservice-config, and when scraping is "true" overwrites prometheus.io/port
+# with 9088 (aggregation "true": KServe's queue-proxy extension serves queue-proxy's and the
+# container's metrics there, the container's taken from prometheus.kserve.io/port) or 9091
+# (queue-proxy's own metrics only). Standard mode has no queue-proxy: nothing listens there.
+SCRAPING = "serving.kserve.io/enable-prometheus-scraping"
+AGGREGATION = "serving.kserve.io/enable-metric-aggregation"
+
+
+def scraped_endpoint(obj: dict, cluster_default: bool) -> tuple[str, int, str] | None:
+    """(what answers, port, path) that annotation-based Prometheus scrapes on the pods."""
+    if obj["kind"] == "Deployment":
+        annotations = dict(obj["spec"]["template"]["metadata"].get("annotations", {}))
+        mode = "Deployment"
+    else:
+        annotations = dict(obj["metadata"].get("annotations", {}))
+        mode = annotations["serving.kserve.io/deploymentMode"]
+        default = "true" if cluster_default else "false"
+        annotations.setdefault(SCRAPING, default)
+        annotations.setdefault(AGGREGATION, default)
+        if annotations[SCRAPING] == "true":
+            aggregated = annotations[AGGREGATION] == "true"
+            annotations["prometheus.io/port"] = "9088" if aggregated else "9091"
+            annotations["prometheus.io/path"] = "/metrics"
+    if annotations.get("prometheus.io/scrape") != "true":
+        return None
+    port = int(annotations["prometheus.io/port"])
+    path = annotations.get("prometheus.io/path", "/metrics")
+    spec = pod_spec(obj)
+    container_ports = {p["containerPort"] for p in spec["containers"][0].get("ports", [])}
+    if mode == "Knative" and port == 9088:
+        inner = int(annotations.get("prometheus.kserve.io/port", "8080"))
+        inner_path = annotations.get("prometheus.kserve.io/path", "/metrics")
+        serves = inner in container_ports and inner_path == "/metrics"
+        return ("predictor+queue-proxy" if serves else "queue-proxy", port, path)
+    if mode == "Knative" and port == 9091:
+        return ("queue-proxy", port, path)
+    return ("predictor" if port in container_ports else "nothing", port, path)
+
+
+def admitted_ports(objects: tuple[dict, ...]) -> set[int]:
+    policy = next(o for o in objects if o["kind"] == "NetworkPolicy")
+    return {p["port"] for rule in policy["spec"].get("ingress", []) for p in rule["ports"]}
+
+
+def workload(directory: str) -> dict:
+    return next(o for o in render(directory) if o["kind"] in ("InferenceService", "Deployment"))
+
+
+@pytest.mark.parametrize("directory", DEPLOYABLES)
+@pytest.mark.parametrize("cluster_default", [True, False])
+def test_prometheus_scrapes_the_fraud_metrics_through_an_admitted_port(directory, cluster_default):
+    endpoint = scraped_endpoint(workload(directory), cluster_default)
+    assert endpoint is not None, f"{directory}: pods are not annotated for scraping"
+    serves, port, path = endpoint
+    assert serves.startswith("predictor") and path == "/metrics", (directory, endpoint)
+    assert port in admitted_ports(render(directory)), (directory, port)
+
+
+def test_scrape_check_catches_the_webhook_rewriting_the_port_in_standard_mode():
+    isvc = copy.deepcopy(workload("manifests/overlays/standard"))
+    isvc["metadata"]["annotations"][SCRAPING] = "true"
+    assert scraped_endpoint(isvc, cluster_default=False)[:2] == ("nothing", 9091)
+    del isvc["metadata"]["annotations"][SCRAPING]  # left to a cluster default of "true"
+    assert scraped_endpoint(isvc, cluster_default=True)[0] == "nothing"
+    knative = copy.deepcopy(workload("manifests/overlays/knative"))
+    knative["metadata"]["annotations"][AGGREGATION] = "false"
+    assert scraped_endpoint(knative, cluster_default=True)[0] == "queue-proxy"
+
+
+def owned_objects(directory: str) -> set[tuple[str, str, str]]:
+    return {
+        (
+            o["apiVersion"].rpartition("/")[0] + "/" + o["kind"],
+            o["metadata"].get("namespace", ""),
+            o["metadata"]["name"].rsplit("-", 1)[0]
+            if o["kind"] == "ConfigMap"
+            else o["metadata"]["name"],
+        )
+        for o in render(directory)
+    }
+
+
+def test_no_two_applications_own_the_same_object():
+    """Two Applications owning one object overwrite each other under selfHeal, and deleting
+    one deletes the other's. Knative and Standard are alternative paths of one Application,
+    so each is checked against the fallback."""
+    paths = {
+        yaml.safe_load(p.read_text())["spec"]["source"]["path"]
+        for p in ARGOCD_FILES
+        if yaml.safe_load(p.read_text())["kind"] == "Application"
+    }
+    assert paths == {"manifests/overlays/knative", "manifests/fallback"}
+    for kserve in ("manifests/overlays/knative", "manifests/overlays/standard"):
+        shared = owned_objects(kserve) & owned_objects("manifests/fallback")
+        assert not shared, (kserve, shared)
+
+
+def test_name_clash_check_catches_two_deployables_with_one_service_account():
+    fallback = owned_objects("manifests/fallback")
+    clashing = {("/ServiceAccount", "fraud-detection", "fraud-predictor")} | fallback
+    assert clashing & owned_objects("manifests/overlays/knative")
+
+
+def ignore_differences_without_reason(text: str) -> list[str]:
+    """ignoreDifferences entries with no `# live diff: ...` comment right above them."""
+    lines = text.splitlines()
+    problems = []
+    inside = False
+    for index, line in enumerate(lines):
+        if line.strip().startswith("ignoreDifferences:"):
+            inside = True
+            continue
+        if inside and line.startswith("  ") and line.lstrip().startswith("- "):
+            above = lines[index - 1].strip().lower()
+            if not above.startswith("# live diff:"):
+                problems.append(line.strip())
+        elif inside and line.strip() and not line.startswith("    "):
+            inside = False
+    return problems
+
+
+def test_ignore_differences_only_with_a_live_diff_reason_beside_them():
+    for path in ARGOCD_FILES:
+        text = path.read_text()
+        assert ignore_differences_without_reason(text) == [], path.name
+        application = yaml.safe_load(text)
+        options = application.get("spec", {}).get("syncPolicy", {}).get("syncOptions", [])
+        if "RespectIgnoreDifferences=true" in options:
+            assert application["spec"].get("ignoreDifferences"), path.name
+
+
+def test_ignore_differences_check_catches_an_unexplained_entry():
+    text = (
+        "spec:\n  ignoreDifferences:\n    - group: apps\n      kind: Deployment\n"
+        "    # live diff: the HPA sets it\n    - group: apps\n      kind: StatefulSet\n"
+    )
+    assert ignore_differences_without_reason(text) == ["- group: apps"]
+
+
+def test_deployments_scaled_by_an_hpa_set_no_replicas():
+    for directory in DEPLOYABLES:
+        objects = render(directory)
+        for hpa in (o for o in objects if o["kind"] == "HorizontalPodAutoscaler"):
+            target = hpa["spec"]["scaleTargetRef"]
+            deployment = next(
+                o
+                for o in objects
+                if (o["kind"], o["metadata"]["name"]) == (target["kind"], target["name"])
+            )
+            assert "replicas" not in deployment["spec"], directory
+
+
+def byte_size(quantity: str) -> int:
+    """nginx sizes: 8m, 512k, 1g or plain bytes."""
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    unit = quantity[-1].lower()
+    return int(quantity[:-1]) * units[unit] if unit in units else int(quantity)
+
+
+def test_ingress_admits_the_bodies_the_predictor_admits():
+    objects = render("manifests/fallback")
+    config = next(o for o in objects if o["kind"] == "ConfigMap")["data"]
+    ingress = next(o for o in objects if o["kind"] == "Ingress")
+    limit = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert byte_size(limit) >= int(config["MAX_REQUEST_BYTES"])
+
+
+def test_pods_leave_the_endpoints_before_they_stop():
+    """Standard mode and the fallback sleep in preStop within the grace period; Knative
+    forbids both fields (knative/serving pkg/apis/serving/fieldmask.go) and its queue-proxy
+    drains on its own."""
+    for directory in ("manifests/overlays/standard", "manifests/fallback"):
+        spec = pod_spec(workload(directory))
+        command = spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[0] == "sleep"
+        assert 0 < int(command[1]) < spec["terminationGracePeriodSeconds"] - 10, directory
+    knative = pod_spec(workload("manifests/overlays/knative"))
+    assert "terminationGracePeriodSeconds" not in knative
+    assert all("lifecycle" not in c for c in knative["containers"])
+
+
+def test_generated_config_is_kept_for_old_pods_and_ignored_when_extraneous():
+    for directory in DEPLOYABLES:
+        config = next(o for o in render(directory) if o["kind"] == "ConfigMap")
+        annotations = config["metadata"]["annotations"]
+        assert annotations["argocd.argoproj.io/sync-options"] == "Prune=false"
+        assert annotations["argocd.argoproj.io/compare-options"] == "IgnoreExtraneous"
 
 
 def checkov(*args: str) -> subprocess.CompletedProcess:
