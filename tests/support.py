@@ -73,7 +73,9 @@ class MlflowServer:
                 self.kill()
 
 
-def start_mlflow_server(workdir: Path, port: int | None = None) -> MlflowServer:
+def start_mlflow_server(
+    workdir: Path, port: int | None = None, extra_args: list[str] | None = None
+) -> MlflowServer:
     """`mlflow server` with a sqlite backend and proxied artifacts, in `workdir`."""
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -95,6 +97,7 @@ def start_mlflow_server(workdir: Path, port: int | None = None) -> MlflowServer:
             str(port),
             "--workers",
             "1",
+            *(extra_args or []),
         ],
         cwd=workdir,
         env=env,
