@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+DIGEST = "sha256:" + "4b1f" * 16
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 # Oldest major of each action that runs on Node 24 (Node 20 actions are deprecated).
 CURRENT_MAJORS = {
@@ -21,6 +22,7 @@ CURRENT_MAJORS = {
     "docker/login-action": 4,
     "docker/metadata-action": 6,
     "docker/build-push-action": 7,
+    "actions/create-github-app-token": 3,
 }
 
 
@@ -102,20 +104,36 @@ def test_ci_runs_locked_sync_lint_and_the_readme_test_command():
     )
 
 
-def test_image_is_smoke_tested_before_push_and_promoted_on_main():
+def test_the_smoke_tested_image_is_pushed_without_a_rebuild_and_pinned_by_digest():
     workflow = load(ROOT / ".github/workflows/image.yml")
     assert workflow["on"]["push"]["branches"] == ["main"]
     assert workflow["on"]["push"]["tags"]
     assert "manifests/**" in workflow["on"]["push"]["paths-ignore"]  # no build loop on promote
     build = workflow["jobs"]["build"]["steps"]
-    names = [step.get("name", step.get("uses", "")) for step in build]
+    builds = [s for s in build if s.get("uses", "").startswith("docker/build-push-action")]
+    assert len(builds) == 1 and builds[0]["with"]["load"] is True
+    assert builds[0]["with"]["push"] is False
     smoke = next(i for i, s in enumerate(build) if "smoke_test.py" in s.get("run", ""))
-    push = next(i for i, s in enumerate(build) if s.get("with", {}).get("push") is True)
-    assert smoke < push, names
+    push = next(i for i, s in enumerate(build) if "docker push" in s.get("run", ""))
+    assert smoke < push
     assert "GITHUB_STEP_SUMMARY" in build[smoke]["run"]
-    promote = workflow["jobs"]["promote"]
+    assert "RepoDigests" in build[push]["run"] and build[push]["id"] == "push"
+    assert "steps.push.outputs.digest" in workflow["jobs"]["build"]["outputs"]["digest"]
+
+
+def test_promote_goes_through_a_pull_request_against_the_newest_main():
+    """Pushing to main from the built SHA fails once main moves, and pushes made with
+    GITHUB_TOKEN start no workflow, so branch protection never sees checks pass."""
+    promote = load(ROOT / ".github/workflows/image.yml")["jobs"]["promote"]
     assert promote["needs"] == "build" and "refs/heads/main" in promote["if"]
-    assert any("scripts/set_image.py" in s.get("run", "") for s in promote["steps"])
+    checkout = next(s for s in promote["steps"] if s.get("uses", "").startswith("actions/checkout"))
+    assert checkout["with"]["ref"] == "main"
+    assert "steps.app.outputs.token" in checkout["with"]["token"]
+    commands = " ".join(s.get("run", "") for s in promote["steps"])
+    assert "scripts/set_image.py" in commands and "--digest" in commands
+    assert "gh pr create" in commands and "gh pr merge" in commands and "--auto" in commands
+    assert "push origin HEAD:main" not in commands and "git push origin main" not in commands
+    assert promote["permissions"] == {"contents": "write", "pull-requests": "write"}
 
 
 def test_set_image_pins_every_deployable_and_renders(tmp_path):
@@ -127,6 +145,8 @@ def test_set_image_pins_every_deployable_and_renders(tmp_path):
             str(ROOT / "scripts/set_image.py"),
             "ghcr.io/Acme/fraud-predictor",
             "3f9c2e1a7b4d",
+            "--digest",
+            DIGEST,
             "--root",
             str(copy),
         ],
@@ -139,9 +159,10 @@ def test_set_image_pins_every_deployable_and_renders(tmp_path):
         image = yaml.safe_load(
             (copy / "manifests" / deployable / "kustomization.yaml").read_text()
         )["images"][0]
-        assert (image["newName"], image["newTag"]) == (
+        assert (image["newName"], image["newTag"], image["digest"]) == (
             "ghcr.io/acme/fraud-predictor",
             "3f9c2e1a7b4d",
+            DIGEST,
         )
         if shutil.which("kubectl"):
             rendered = subprocess.run(
@@ -151,7 +172,7 @@ def test_set_image_pins_every_deployable_and_renders(tmp_path):
                 timeout=60,
                 check=True,
             ).stdout
-            assert "image: ghcr.io/acme/fraud-predictor:3f9c2e1a7b4d" in rendered
+            assert f"image: ghcr.io/acme/fraud-predictor:3f9c2e1a7b4d@{DIGEST}" in rendered
     refused = subprocess.run(
         [
             sys.executable,
@@ -166,3 +187,9 @@ def test_set_image_pins_every_deployable_and_renders(tmp_path):
         timeout=60,
     )
     assert refused.returncode == 2 and "not a pinned image tag" in refused.stderr
+    bad_digest = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/set_image.py"), "ghcr.io/acme/x", "abc123",
+         "--digest", "sha256:nothex", "--root", str(copy)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad_digest.returncode == 2 and "not a sha256 image digest" in bad_digest.stderr
