@@ -23,7 +23,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from predictor.schema import FIELD_ORDER, InvalidTransactions, Transaction, validate_transactions
+from predictor.schema import (
+    FIELD_ORDER,
+    MAX_DISTANCE_KM,
+    InvalidTransactions,
+    Transaction,
+    validate_transactions,
+)
 
 LABEL = "is_fraud"
 CSV_COLUMNS: tuple[str, ...] = (*FIELD_ORDER, LABEL)
@@ -124,7 +130,7 @@ def generate_transactions(
     distance[travelling] = rng.lognormal(5.0, 1.0, int(travelling.sum()))
     far = shows(FRAUD_PATTERN_RATE)
     distance[far] = rng.lognormal(5.5, 1.0, int(far.sum()))
-    distance = np.round(distance, 1)
+    distance = np.round(np.minimum(distance, MAX_DISTANCE_KM), 1)
 
     txn_24h = rng.poisson(2.5, rows)
     burst = shows(FRAUD_PATTERN_RATE)

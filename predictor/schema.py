@@ -39,10 +39,18 @@ KNOWN_MERCHANT_CATEGORIES: tuple[str, ...] = (
 )
 OTHER_CATEGORY = "other"
 
+# Realistic upper bounds: a value past them is a client bug, not a transaction, and bounded
+# numbers can never overflow the float64 features.
+MAX_AMOUNT = 1_000_000_000  # in the card's currency, whatever its unit
+MAX_DISTANCE_KM = 20_040  # half the Earth's circumference
+MAX_TRANSACTIONS_24H = 10_000
+MAX_ACCOUNT_AGE_DAYS = 43_830  # 120 years
+MAX_TIMESTAMP_CHARS = 40  # "2026-11-26T03:14:00.123456+05:30" is 32
+MAX_CATEGORY_CHARS = 64
+
 # Strict numbers: integers are fine for a float field, but "12.5" and true are refused.
-Amount = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
-NonNegativeNumber = Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]
-NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
+Amount = Annotated[float, Field(strict=True, gt=0, le=MAX_AMOUNT, allow_inf_nan=False)]
+Distance = Annotated[float, Field(strict=True, ge=0, le=MAX_DISTANCE_KM, allow_inf_nan=False)]
 
 
 class Transaction(BaseModel):
@@ -54,20 +62,22 @@ class Transaction(BaseModel):
     timestamp: AwareDatetime = Field(
         description="ISO-8601 date-time with UTC offset; the local hour is the offset's."
     )
-    merchant_category: Annotated[str, Field(strict=True, min_length=1, max_length=64)] = Field(
-        description="Merchant category; unknown categories are scored as 'other'."
-    )
+    merchant_category: Annotated[
+        str, Field(strict=True, min_length=1, max_length=MAX_CATEGORY_CHARS)
+    ] = Field(description="Merchant category; unknown categories are scored as 'other'.")
     card_present: StrictBool = Field(description="True when the card was physically present.")
-    distance_from_home_km: NonNegativeNumber = Field(
+    distance_from_home_km: Distance = Field(
         description="Distance between the point of sale and the cardholder's home, km."
     )
-    transactions_last_24h: NonNegativeInt = Field(
+    transactions_last_24h: Annotated[StrictInt, Field(ge=0, le=MAX_TRANSACTIONS_24H)] = Field(
         description="Transactions on this card in the preceding 24 hours."
     )
     customer_age: Annotated[StrictInt, Field(ge=18, le=120)] = Field(
         description="Cardholder age in years, 18-120."
     )
-    account_age_days: NonNegativeInt = Field(description="Days since the account was opened.")
+    account_age_days: Annotated[StrictInt, Field(ge=0, le=MAX_ACCOUNT_AGE_DAYS)] = Field(
+        description="Days since the account was opened."
+    )
 
     @field_validator("timestamp", mode="before")
     @classmethod
@@ -75,8 +85,19 @@ class Transaction(BaseModel):
         """Refuse epoch numbers and other non-strings that pydantic would coerce."""
         if not isinstance(value, str):
             raise ValueError("must be an ISO-8601 date-time string with a UTC offset")
+        if len(value) > MAX_TIMESTAMP_CHARS:
+            raise ValueError(f"must be at most {MAX_TIMESTAMP_CHARS} characters")
         if "T" not in value and " " not in value:
             raise ValueError("must be a date-time with hours and a UTC offset, not a date")
+        return value
+
+    @field_validator("merchant_category")
+    @classmethod
+    def _category_is_printable_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        if not value.isprintable():
+            raise ValueError("must not contain control characters")
         return value
 
 

@@ -40,6 +40,15 @@ GOOD = {
         ("customer_age", 121, "less than or equal to 120"),
         ("customer_age", True, "valid integer"),
         ("account_age_days", "400", "valid integer"),
+        ("amount", 10**400, "valid number"),
+        ("amount", 1e10, "less than or equal to 1000000000"),
+        ("distance_from_home_km", 40_000, "less than or equal to 20040"),
+        ("transactions_last_24h", 2**63, "less than or equal to 10000"),
+        ("account_age_days", 10**300, "less than or equal to 43830"),
+        ("timestamp", "2026-11-26T03:14:00." + "1" * 5000 + "+00:00", "at most 40 characters"),
+        ("merchant_category", "   ", "must not be blank"),
+        ("merchant_category", "grocery\nERROR forged log line", "control characters"),
+        ("merchant_category", "gro\x00cery", "control characters"),
     ],
 )
 def test_bad_field_is_rejected_naming_field_and_rule(field, value, message):
