@@ -8,6 +8,7 @@ previous version keeps serving.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -49,6 +50,7 @@ class ModelWatcher:
 
     model: object  # FraudModel; typed loosely to keep the import graph one-way
     settings: Settings
+    marks_ready: bool = True
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _backoff: Backoff | None = None
@@ -149,9 +151,15 @@ class ModelWatcher:
             )
             return min(delay, self._poll_delay() or delay)
         duration = time.perf_counter() - started
+        # Everything imported and loaded so far lives as long as the process (or the
+        # version): keep it out of the cyclic GC's full collections, which otherwise scan
+        # millions of objects and stall the event loop for ~0.25 s whenever a large request
+        # allocates enough to trigger one.
+        gc.freeze()
         metrics.MODEL_LOAD_SECONDS.observe(duration)
         metrics.MODEL_LOADS.labels(kind=kind, outcome="success").inc()
-        runtime.mark_ready()
+        if self.marks_ready:
+            runtime.mark_ready()
         self._failed.pop(ref.version, None)
         self._backoff.reset()
         if serving is not None:

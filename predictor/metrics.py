@@ -58,8 +58,14 @@ REQUEST_ROWS = Histogram(
 )
 REQUEST_ERRORS = Counter(
     "fraud_request_errors",
-    "HTTP responses with an error status, by status code.",
-    ["status"],
+    "Responses with an error: HTTP status >= 400 (protocol http) or a gRPC status code other"
+    " than OK (protocol grpc).",
+    ["protocol", "status"],
+)
+INVALID_OUTPUTS = Counter(
+    "fraud_invalid_model_outputs",
+    "Requests refused because the served version returned scores that are not probabilities.",
+    ["version"],
 )
 
 

@@ -20,9 +20,11 @@ from predictor.settings import Settings
 logger = logging.getLogger("predictor.model")
 
 MODEL_VERSION_HEADER = "x-model-version"
-#: Requests up to this many rows are validated and scored on the event loop (at most about
-#: 2 ms of CPU); larger ones go to the thread pool so they never stall the loop.
+#: Requests up to this many rows and bytes are validated and scored on the event loop (at
+#: most about 2 ms of CPU); larger ones go to the thread pool so they never stall the loop
+#: (one row can be large: a V1 object with 300,000 unknown keys takes a second to refuse).
 INLINE_MAX_ROWS = 128
+INLINE_MAX_BODY_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -67,10 +69,13 @@ class FraudModel(Model):
     def serving(self) -> Serving | None:
         return self._serving
 
-    def start_watching(self) -> None:
-        """Load (and keep following MODEL_URI) in the background; see predictor.lifecycle."""
+    def start_watching(self, marks_ready: bool = True) -> None:
+        """Load (and keep following MODEL_URI) in the background; see predictor.lifecycle.
+
+        `marks_ready`: record this process as a ready worker once loaded (false for the
+        parent of `--workers N`, which serves gRPC only)."""
         if self._watcher is None:
-            self._watcher = ModelWatcher(self, self.settings)
+            self._watcher = ModelWatcher(self, self.settings, marks_ready=marks_ready)
             self._watcher.start()
 
     def stop(self) -> None:
@@ -94,7 +99,8 @@ class FraudModel(Model):
         threshold = self.settings.decision_threshold
         source = "DECISION_THRESHOLD"
         if threshold is None:
-            threshold, source = loaded.ref.threshold, f"tag {registry.THRESHOLD_TAG}"
+            threshold = registry.decision_threshold(loaded.ref)
+            source = f"tag {registry.THRESHOLD_TAG}"
         if threshold is None:
             raise registry.ModelLoadError(
                 f"{loaded.ref.download_uri} has no {registry.THRESHOLD_TAG} tag; "
@@ -121,7 +127,9 @@ class FraudModel(Model):
         self, payload: dict | InferRequest, headers: dict[str, str] | None = None
     ) -> Batch:
         """Validate the whole batch and build its features (large batches off the loop)."""
-        if _declared_rows(payload) <= INLINE_MAX_ROWS:
+        if _declared_rows(payload) <= INLINE_MAX_ROWS and _body_bytes(headers) <= (
+            INLINE_MAX_BODY_BYTES
+        ):
             return self._decode(payload)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, self._decode, payload)
@@ -153,6 +161,12 @@ class FraudModel(Model):
                 )
         except Exception as error:
             raise InferenceError(f"model version {serving.version} failed: {error}") from error
+        if not registry.are_probabilities(probabilities):
+            metrics.INVALID_OUTPUTS.labels(version=serving.version).inc()
+            raise InferenceError(
+                f"model version {serving.version} returned scores that are not probabilities "
+                "(not finite or outside [0, 1]); nothing was scored"
+            )
         decisions = probabilities >= serving.threshold
         metrics.observe_scores(probabilities, decisions)
         if response_headers is not None:
@@ -178,6 +192,12 @@ def _declared_rows(payload: Any) -> int:
     if isinstance(payload, dict) and isinstance(payload.get("instances"), list):
         return len(payload["instances"])
     return INLINE_MAX_ROWS + 1
+
+
+def _body_bytes(headers: dict[str, str] | None) -> int:
+    """The request body's declared size (0 when unknown, e.g. gRPC: rows decide there)."""
+    declared = (headers or {}).get("content-length", "0")
+    return int(declared) if declared.isdigit() else 0
 
 
 def _model_info(ref: registry.ModelRef):

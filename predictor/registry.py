@@ -9,6 +9,7 @@ model that needs anything else is refused before any of its code can run.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import tempfile
@@ -25,6 +26,7 @@ from mlflow.models import Model
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from predictor.features import FEATURE_NAMES
+from predictor.schema import shown
 
 logger = logging.getLogger("predictor.registry")
 
@@ -55,7 +57,9 @@ class ModelRef:
     version: str
     alias: str | None
     run_id: str | None
-    threshold: float | None
+    #: The decision_threshold tag (run parameter for runs:/ URIs) as the registry holds it;
+    #: checked by `decision_threshold()` when the version is served.
+    threshold_tag: str | None
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,7 @@ def resolve(client: MlflowClient, model_uri: str) -> ModelRef:
             version=f"run-{match['run_id'][:12]}",
             alias=None,
             run_id=match["run_id"],
-            threshold=float(threshold) if threshold is not None else None,
+            threshold_tag=threshold,
         )
     raise ModelLoadError(f"unsupported model URI {model_uri!r}")
 
@@ -133,8 +137,25 @@ def _version_ref(model_uri: str, version: Any, alias: str | None) -> ModelRef:
         version=str(version.version),
         alias=alias,
         run_id=version.run_id,
-        threshold=float(threshold) if threshold is not None else None,
+        threshold_tag=threshold,
     )
+
+
+def decision_threshold(ref: ModelRef) -> float | None:
+    """The version's threshold tag as a probability; a tag that is not one refuses the
+    version (nan or inf would silently turn detection off, 5 or -1 flag nothing or all)."""
+    if ref.threshold_tag is None:
+        return None
+    try:
+        value = float(ref.threshold_tag)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # also false for nan
+        raise ModelLoadError(
+            f"{ref.download_uri} has {THRESHOLD_TAG} tag {shown(ref.threshold_tag)}; "
+            "it must be a number within [0, 1]"
+        )
+    return value
 
 
 def load(ref: ModelRef, tracking_uri: str) -> LoadedModel:
@@ -179,12 +200,18 @@ def load_local(ref: ModelRef, model_dir: Path) -> LoadedModel:
             raise ModelLoadError(
                 f"{ref.download_uri} failed to predict its input example: {error}"
             ) from None
-        if probabilities.shape != (len(example), 2) or not np.isfinite(probabilities).all():
+        if probabilities.shape != (len(example), 2) or not are_probabilities(probabilities):
             raise ModelLoadError(
                 f"{ref.download_uri} returned {probabilities.shape} probabilities for "
-                f"{len(example)} example rows; expected ({len(example)}, 2), all finite"
+                f"{len(example)} example rows; expected ({len(example)}, 2), all finite "
+                "and within [0, 1]"
             )
     return LoadedModel(ref=ref, estimator=estimator, input_example=example)
+
+
+def are_probabilities(values: np.ndarray) -> bool:
+    """Every value finite and within [0, 1] (NaN fails both comparisons)."""
+    return bool(((values >= 0.0) & (values <= 1.0)).all())
 
 
 def check_signature(mlmodel: Model) -> None:

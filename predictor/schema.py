@@ -114,11 +114,32 @@ class InvalidTransactions(ValueError):
 Locate = Callable[[tuple[int | str, ...]], str]
 
 
+def shown(value: Any, limit: int = 40) -> str:
+    """Client text in an error message or log line: repr-escaped (no raw newlines or control
+    characters) and truncated, so a hostile body cannot flood or forge either."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return repr(text) if isinstance(value, str) else text.encode("unicode_escape").decode()
+
+
+def shown_list(values: Sequence[Any], limit: int = 5) -> str:
+    """At most `limit` values, each shown(), and how many more there were."""
+    parts = [shown(value) for value in values[:limit]]
+    if len(values) > limit:
+        parts.append(f"... {len(values) - limit} more")
+    return "[" + ", ".join(parts) + "]"
+
+
 def instance_location(loc: tuple[int | str, ...]) -> str:
-    """``instances[3].amount`` for pydantic's ``(3, "amount")``."""
+    """``instances[3].amount`` for pydantic's ``(3, "amount")``; odd keys are shown()."""
     where = "instances"
     for key in loc:
-        where += f"[{key}]" if isinstance(key, int) else f".{key}"
+        if isinstance(key, int):
+            where += f"[{key}]"
+        else:
+            plain = key.isidentifier() and len(key) <= 40
+            where += f".{key}" if plain else f".{shown(key)}"
     return where
 
 

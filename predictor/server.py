@@ -13,28 +13,36 @@ process is prepared in `python -m predictor`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import struct
 import warnings
 from typing import Any
 
 import orjson
+from cloudevents.exceptions import GenericException as CloudEventError
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import FastAPIDeprecationWarning, RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve import ModelServer
 from kserve import model_server as kserve_model_server
 from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER, PredictorProtocol
-from kserve.errors import InvalidInput, ModelNotReady
+from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+from kserve.model import BaseKServeModel
 from kserve.model_repository import ModelRepository
 from kserve.protocol.dataplane import DataPlane
+from kserve.protocol.infer_type import InferRequest
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from predictor import metrics, runtime
+from predictor import codec, metrics, runtime
+from predictor.binary_extension import check_binary_request
+from predictor.grpc_server import FraudGRPCServer
 from predictor.logs import configure_logging, quiet_kserve_logging
-from predictor.model import FraudModel
+from predictor.model import INLINE_MAX_BODY_BYTES, FraudModel
+from predictor.schema import shown, shown_list
 from predictor.settings import Settings
 
 
@@ -101,7 +109,8 @@ class BodySizeLimit:
 
 
 class ErrorCounter:
-    """Count responses with status >= 400 (KServe's handlers and ours alike)."""
+    """Count responses with status >= 400 (KServe's handlers and ours alike), and the 500
+    that Starlette's outermost middleware sends for an exception nobody handled."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -111,12 +120,25 @@ class ErrorCounter:
             await self.app(scope, receive, send)
             return
 
+        started = False
+
         async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] >= 400:
-                metrics.REQUEST_ERRORS.labels(status=str(message["status"])).inc()
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if message["status"] >= 400:
+                    metrics.REQUEST_ERRORS.labels(
+                        protocol="http", status=str(message["status"])
+                    ).inc()
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            # Unhandled: Starlette's outermost ServerErrorMiddleware answers 500 after this.
+            if not started:
+                metrics.REQUEST_ERRORS.labels(protocol="http", status="500").inc()
+            raise
 
 
 async def metrics_endpoint(_: Request) -> Response:
@@ -141,12 +163,13 @@ async def request_validation_handler(_: Request, error: RequestValidationError) 
     return JSONResponse(status_code=400, content={"error": describe_errors(error.errors())})
 
 
-def v2_infer_endpoint(dataplane: DataPlane):
+def v2_infer_endpoint(dataplane: FraudDataPlane):
     """KServe's V2 infer endpoint without FastAPI's round trip through pydantic and
     `jsonable_encoder` on the way out (~16 % of a 100-row request, profiled): the body is
     parsed with orjson, checked with KServe's own request model, and the response dict
     from `InferResponse.to_rest()` is written with orjson. Binary-extension requests
-    (`inference-header-content-length`) are passed to KServe's decoder as before.
+    (`inference-header-content-length`) are checked (predictor.binary_extension), then
+    passed to KServe's decoder. Large bodies are decoded in the thread pool.
     """
 
     async def infer(raw_request: Request, model_name: str) -> Response:
@@ -154,18 +177,13 @@ def v2_infer_endpoint(dataplane: DataPlane):
             raise ModelNotReady(model_name)
         body = await raw_request.body()
         headers = dict(raw_request.headers)
-        request_body: bytes | InferenceRequest = body
-        if INFERENCE_CONTENT_LENGTH_HEADER not in headers:
-            try:
-                request_body = InferenceRequest.model_validate_json(body)
-            except ValidationError as error:
-                raise InvalidInput(describe_errors(error.errors(include_url=False))) from None
-        infer_request, _ = dataplane.decode(
-            request_body,
-            headers,
-            protocol_version=PredictorProtocol.REST_V2.value,
-            model_name=model_name,
-        )
+        if len(body) <= INLINE_MAX_BODY_BYTES:
+            infer_request = dataplane.decode_v2(body, headers, model_name)
+        else:
+            loop = asyncio.get_running_loop()
+            infer_request = await loop.run_in_executor(
+                None, dataplane.decode_v2, body, headers, model_name
+            )
         response, response_headers = await dataplane.infer(
             model_name=model_name, request=infer_request, headers=headers
         )
@@ -181,6 +199,45 @@ def v2_infer_endpoint(dataplane: DataPlane):
     return infer
 
 
+def parse_v2_json(body: bytes) -> InferenceRequest:
+    """A V2 JSON body checked with KServe's request model. More tensors than the model
+    takes are refused before pydantic sees them (20,000 tensors: 0.17 s holding the GIL)."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise InvalidInput(f"request body is not valid JSON ({error})") from None
+    inputs = parsed.get("inputs") if isinstance(parsed, dict) else None
+    if isinstance(inputs, list) and len(inputs) > len(codec.V2_INPUTS):
+        names = [t.get("name") if isinstance(t, dict) else t for t in inputs]
+        unknown = [name for name in names if name not in codec.V2_INPUTS]
+        if unknown:
+            raise InvalidInput(
+                f"inputs: unknown tensor(s) {shown_list(unknown)}; expected {list(codec.V2_INPUTS)}"
+            )
+        raise InvalidInput(f"inputs: duplicate tensor(s) {codec.duplicates(names)}")
+    try:
+        return InferenceRequest.model_validate(parsed)
+    except ValidationError as error:
+        raise InvalidInput(describe_errors(error.errors(include_url=False))) from None
+
+
+#: What KServe's and cloudevents' decoders raise on malformed input (never on our own bugs:
+#: the model is not called while decoding).
+DECODING_ERRORS = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    struct.error,
+    CloudEventError,
+)
+
+
+def one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {shown(' '.join(str(error).split()), 200)}"
+
+
 class FraudDataPlane(DataPlane):
     """KServe's data plane with truthful readiness and the served version in metadata."""
 
@@ -189,10 +246,47 @@ class FraudDataPlane(DataPlane):
         self.settings = settings
         self.workers = workers
 
+    def decode_v2(self, body: bytes, headers: dict[str, str], model_name: str) -> InferRequest:
+        """A V2 REST body (JSON or binary extension) as KServe's InferRequest, or 400."""
+        json_length = headers.get(INFERENCE_CONTENT_LENGTH_HEADER)
+        if json_length is not None:
+            check_binary_request(body, json_length, codec.V2_INPUTS, self.settings.max_batch_rows)
+            request_body: bytes | InferenceRequest = body
+        else:
+            request_body = parse_v2_json(body)
+        infer_request, _ = self.decode(
+            request_body,
+            headers,
+            protocol_version=PredictorProtocol.REST_V2.value,
+            model_name=model_name,
+        )
+        return infer_request
+
+    def decode(self, body: Any, headers: Any, *args: Any, **kwargs: Any) -> tuple[Any, dict]:
+        """KServe's decoding (V1 JSON, CloudEvents, V2) with its crashes on malformed input
+        (empty CloudEvent bodies, bad binary parts) turned into 400s naming the problem."""
+        try:
+            return super().decode(body, headers, *args, **kwargs)
+        except InvalidInput:
+            raise
+        except DECODING_ERRORS as error:
+            raise InvalidInput(f"request could not be decoded: {one_line(error)}") from None
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickled in a spawned KServe worker process: make this process ready to serve."""
         self.__dict__.update(state)
         prepare_serving_process(self)
+
+    async def get_model(self, name: str) -> BaseKServeModel:
+        """The model, only if it is ready. KServe's own calls `model.load()` inline when it is
+        not, on the request's event loop (gRPC inference reaches it): here only the
+        background watcher loads, and requests get 503 / UNAVAILABLE until it has."""
+        model = self._model_registry.get_model(name)
+        if model is None:
+            raise ModelNotFound(name)
+        if not await self._model_registry.is_model_ready(name):
+            raise ModelNotReady(name)
+        return model
 
     async def ready(self) -> bool:
         """Server readiness per the V2 spec: every model is ready, in every worker."""
@@ -241,21 +335,50 @@ def prepare_serving_process(dataplane: FraudDataPlane) -> None:
             model.start_watching()
 
 
+class FraudModelServer(ModelServer):
+    """KServe's ModelServer with this server's gRPC server in place of KServe's own."""
+
+    def __init__(self, settings: Settings, **server_args: Any):
+        super().__init__(**server_args)
+        self.settings = settings
+        self.serves_grpc = self.enable_grpc
+        self.enable_grpc = False  # KServe's start() must not build its own gRPC server
+
+    async def _serve(self) -> None:
+        if self.serves_grpc:
+            self._grpc_server = FraudGRPCServer(
+                self.grpc_port,
+                self.dataplane,
+                self.model_repository_extension,
+                self.settings,
+                self.grace_period,
+            )
+            self.servers.append(self._grpc_server.start(self.max_threads))
+        await super()._serve()
+
+
 def build_server(model: FraudModel, settings: Settings, **server_args: Any) -> ModelServer:
     """A ModelServer (flags as parsed by KServe) serving `model`, loaded in the background.
 
     The model is registered before it is ready, so liveness answers at once and readiness
     and predict answer 503 until the first version is loaded.
     """
-    server = ModelServer(**server_args)
+    server = FraudModelServer(settings, **server_args)
     server.dataplane = FraudDataPlane(server.registered_models, settings, server.workers)
     model.enable_latency_logging = server.enable_latency_logging
     server.register_model(model)
     if server.workers == 1:
         prepare_serving_process(server.dataplane)
-    elif settings.uses_embedded_store:
+        return server
+    if settings.uses_embedded_store:
         # Bootstrap once here, before N workers race to train into one sqlite file.
         from predictor.training import ensure_demo_model
 
         ensure_demo_model(settings, log=logging.getLogger("predictor.server").info)
+    if server.serves_grpc:
+        # gRPC is served by this parent process: it loads and follows the model too, but
+        # its readiness is not a worker's (the workers' markers count for REST readiness).
+        configure_logging(settings.log_format)
+        quiet_kserve_logging()
+        model.start_watching(marks_ready=False)
     return server

@@ -24,7 +24,7 @@ class Settings(BaseSettings):
         description="MLflow tracking/registry server. Unset: the embedded local store.",
     )
     model_uri: str = Field(default=f"models:/{DEFAULT_MODEL_NAME}@{DEFAULT_ALIAS}")
-    decision_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    decision_threshold: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
     max_batch_rows: int = Field(default=10_000, ge=1)
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     local_store_dir: Path = Field(default=Path("mlflow-local"))

@@ -223,8 +223,15 @@ def test_broken_version_is_refused_and_old_version_keeps_serving(start_predictor
 
 
 def test_sigterm_lets_accepted_slow_requests_finish(start_predictor, mlflow_server, champion):
-    predictor = start_predictor(env={"MLFLOW_TRACKING_URI": mlflow_server.url})
-    big = [ROW] * 10_000
+    # Requests large enough (~0.3 s each) that six cannot all finish before the signal.
+    predictor = start_predictor(
+        env={
+            "MLFLOW_TRACKING_URI": mlflow_server.url,
+            "MAX_BATCH_ROWS": "40000",
+            "MAX_REQUEST_BYTES": str(32 * 1024 * 1024),
+        }
+    )
+    big = [ROW] * 40_000
 
     def timed_predict() -> tuple[requests.Response, float]:
         response = predict(predictor.url, big, 120)
@@ -237,7 +244,7 @@ def test_sigterm_lets_accepted_slow_requests_finish(start_predictor, mlflow_serv
         predictor.process.send_signal(signal.SIGTERM)
         results = [future.result(timeout=120) for future in futures]
     assert [r.status_code for r, _ in results] == [200] * 6
-    assert all(len(r.json()["predictions"]) == 10_000 for r, _ in results)
+    assert all(len(r.json()["predictions"]) == 40_000 for r, _ in results)
     finished_after_signal = sum(done > signalled for _, done in results)
     print(f"{finished_after_signal} of 6 requests finished after SIGTERM")
     assert finished_after_signal >= 1, "every request finished before SIGTERM: nothing drained"

@@ -403,7 +403,12 @@ BAD_INPUTS = {
         400,
         "same length",
     ),
-    "v2 wrong datatype": (V2, v2_with("amount", datatype="INT64"), 400, "must be FP64, got INT64"),
+    "v2 wrong datatype": (
+        V2,
+        v2_with("amount", datatype="INT64"),
+        400,
+        "must be FP64, got 'INT64'",
+    ),
     "v2 wrong shape": (V2, v2_with("amount", shape=[2, 1]), 400, "shape must be [n]"),
     "v2 shape data mismatch": (V2, v2_with("amount", data=[42.0]), 400, "but 1 data elements"),
     "v2 bad value": (

@@ -1,0 +1,168 @@
+"""KServe's V2 gRPC server with the edges the REST side has.
+
+* the receive limit is MAX_REQUEST_BYTES (KServe's default is a fixed 8 MiB);
+* ModelInfer checks tensor shapes against MAX_BATCH_ROWS and raw contents against their
+  declared sizes before decoding, decodes large requests in the thread pool, and turns
+  decoding failures (a truncated BYTES element, ...) into INVALID_ARGUMENT;
+* every call that ends with an error is counted in `fraud_request_errors{protocol="grpc"}`
+  by status code, and a client's mistake is one WARNING line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from concurrent import futures
+
+from grpc import StatusCode, aio
+from grpc_interceptor.exceptions import GrpcException
+from kserve.errors import (
+    InferenceError,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    ServerNotLive,
+    ServerNotReady,
+    UnsupportedProtocol,
+)
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
+from kserve.protocol.grpc.server import GRPCServer
+from kserve.protocol.grpc.servicer import InferenceServicer
+from kserve.protocol.infer_type import InferRequest, InferResponse
+from kserve.utils.utils import to_headers
+
+from predictor import codec, metrics
+from predictor.binary_extension import ELEMENT_BYTES
+from predictor.model import INLINE_MAX_BODY_BYTES, INLINE_MAX_ROWS
+from predictor.schema import shown
+
+logger = logging.getLogger("predictor.grpc")
+
+#: KServe's exceptions -> gRPC status codes. A model that fails is the server's fault
+#: (INTERNAL), where KServe's own interceptor answers INVALID_ARGUMENT.
+STATUS_OF = (
+    ((InvalidInput, UnsupportedProtocol), StatusCode.INVALID_ARGUMENT),
+    ((ModelNotReady, ServerNotReady, ServerNotLive), StatusCode.UNAVAILABLE),
+    ((ModelNotFound,), StatusCode.NOT_FOUND),
+    ((NotImplementedError,), StatusCode.UNIMPLEMENTED),
+    ((InferenceError,), StatusCode.INTERNAL),
+)
+CLIENT_SIDE = {StatusCode.INVALID_ARGUMENT, StatusCode.NOT_FOUND, StatusCode.UNAVAILABLE}
+
+
+def status_of(error: Exception) -> StatusCode:
+    for kinds, code in STATUS_OF:
+        if isinstance(error, kinds):
+            return code
+    return StatusCode.INTERNAL
+
+
+class CountingExceptionInterceptor(ExceptionToStatusInterceptor):
+    """Map exceptions to status codes, count them, and log a client's mistake in one line."""
+
+    async def handle_exception(self, ex, request_or_iterator, context, method_name):
+        if isinstance(ex, GrpcException):
+            code, details = ex.status_code, ex.details
+        else:
+            code = status_of(ex)
+            details = getattr(ex, "reason", None) or str(ex) or type(ex).__name__
+            if code is StatusCode.INTERNAL and not isinstance(ex, InferenceError):
+                details = "Internal server error"
+        metrics.REQUEST_ERRORS.labels(protocol="grpc", status=code.name).inc()
+        if code in CLIENT_SIDE:
+            logger.warning("%s %s: %s", method_name, code.name, details)
+        else:
+            logger.error("%s %s: %s", method_name, code.name, details, exc_info=ex)
+        await context.abort(code, details)
+
+
+class FraudInferenceServicer(InferenceServicer):
+    """KServe's servicer; ModelInfer checks sizes before it decodes."""
+
+    def __init__(self, data_plane, model_repository_extension, max_rows: int):
+        super().__init__(data_plane, model_repository_extension)
+        self.max_rows = max_rows
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        headers = to_headers(context)
+        self.validate_grpc_request(request)
+        check_grpc_request(request, self.max_rows)
+        rows = max((tensor.shape[0] for tensor in request.inputs if tensor.shape), default=0)
+        if rows <= INLINE_MAX_ROWS and request.ByteSize() <= INLINE_MAX_BODY_BYTES:
+            infer_request = decode_grpc_request(request)
+        else:
+            loop = asyncio.get_running_loop()
+            infer_request = await loop.run_in_executor(None, decode_grpc_request, request)
+        response, _ = await self._data_plane.infer(
+            request=infer_request, headers=headers, model_name=request.model_name
+        )
+        if isinstance(response, InferResponse):
+            return response.to_grpc()
+        return response
+
+
+def check_grpc_request(request: pb.ModelInferRequest, max_rows: int) -> None:
+    """Shapes [n] with n <= max_rows, and raw contents of the size their shape implies."""
+    if len(request.inputs) > len(codec.V2_INPUTS):
+        raise InvalidInput(
+            f"inputs: {len(request.inputs)} tensors; expected the {len(codec.V2_INPUTS)} "
+            f"{list(codec.V2_INPUTS)}"
+        )
+    for index, tensor in enumerate(request.inputs):
+        shape = list(tensor.shape)
+        where = f"input {shown(tensor.name)}"
+        if len(shape) != 1 or shape[0] < 0:
+            raise InvalidInput(f"{where}: shape must be [n], got {shape}")
+        if shape[0] > max_rows:
+            raise InvalidInput(
+                f"{where}: {shape[0]} rows exceed the limit of {max_rows} (MAX_BATCH_ROWS)"
+            )
+        if index < len(request.raw_input_contents):
+            width = ELEMENT_BYTES.get(tensor.datatype)
+            size = len(request.raw_input_contents[index])
+            if width is not None and size != shape[0] * width:
+                raise InvalidInput(
+                    f"{where}: shape {shape} of {shown(tensor.datatype)} needs "
+                    f"{shape[0] * width} bytes of raw contents, got {size}"
+                )
+
+
+def decode_grpc_request(request: pb.ModelInferRequest) -> InferRequest:
+    """KServe's decoding, its failures on malformed contents turned into InvalidInput."""
+    try:
+        return InferRequest.from_grpc(request)
+    except InvalidInput:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, struct.error) as error:
+        raise InvalidInput(
+            f"request could not be decoded: {type(error).__name__}: {shown(str(error), 200)}"
+        ) from None
+
+
+class FraudGRPCServer(GRPCServer):
+    """KServe's GRPCServer, built with this server's servicer, interceptor and limits."""
+
+    def __init__(self, port, data_plane, model_repository_extension, settings, grace_period):
+        super().__init__(port, data_plane, model_repository_extension, {}, grace_period)
+        self.settings = settings
+
+    async def start(self, max_workers: int) -> None:
+        servicer = FraudInferenceServicer(
+            self._data_plane, self._model_repository_extension, self.settings.max_batch_rows
+        )
+        self._server = aio.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=(CountingExceptionInterceptor(),),
+            options=[
+                ("grpc.max_receive_message_length", self.settings.max_request_bytes),
+                ("grpc.max_send_message_length", -1),
+            ],
+        )
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        self._server.add_insecure_port(f"[::]:{self._port}")
+        logger.info("gRPC server listening on port %d", self._port)
+        await self._server.start()
+        await self._server.wait_for_termination()
