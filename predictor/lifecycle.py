@@ -53,12 +53,14 @@ class ModelWatcher:
     marks_ready: bool = True
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
-    _backoff: Backoff | None = None
+    _backoff: Backoff = field(init=False)
     _failed: dict[str, FailedVersion] = field(default_factory=dict)
     _bootstrapped: bool = False
 
-    def start(self) -> None:
+    def __post_init__(self) -> None:
         self._backoff = Backoff(cap=self.settings.model_retry_max_seconds)
+
+    def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="model-watcher", daemon=True)
         self._thread.start()
 
@@ -86,7 +88,6 @@ class ModelWatcher:
 
     def check_once(self) -> float | None:
         """One look at the registry; returns seconds until the next look (None: done)."""
-        assert self._backoff is not None
         serving = self.model.serving
         kind = "reload" if serving is not None else "initial"
         tracking_uri = self.settings.tracking_uri

@@ -40,10 +40,20 @@ class ClientErrorsInOneLine(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if error is not None and type(error).__name__ in self.EXPECTED:
-            record.msg, record.args = "%s: %s", (type(error).__name__, error)
+            record.msg, record.args = "%s: %s", (type(error).__name__, escaped(str(error)))
             record.exc_info = record.exc_text = None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
+
+
+def escaped(text: str, limit: int = 500) -> str:
+    """Client-controlled text for a log line: control characters (and non-ASCII) escaped, so
+    a newline in a model name or datatype cannot forge a line, and cut at `limit`."""
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return text.encode("ascii", "backslashreplace").decode("ascii").translate(_CONTROLS)
+
+
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(32), 127)}
 
 
 def quiet_kserve_logging() -> None:

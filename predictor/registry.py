@@ -19,7 +19,6 @@ from typing import Any
 
 import mlflow
 import numpy as np
-import skops.io
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
@@ -185,6 +184,10 @@ def load_local(ref: ModelRef, model_dir: Path) -> LoadedModel:
             "only 'skops' is accepted (pickle formats can run code when loaded)"
         )
     model_file = model_dir / flavor["pickled_model"]
+    # Imported here, in the loading thread: skops.io enumerates scikit-learn's estimators
+    # on import (~0.7 s), which would delay every worker process's start-up.
+    import skops.io
+
     untrusted = [t for t in skops.io.get_untrusted_types(file=model_file) if t not in TRUSTED_TYPES]
     if untrusted:
         raise ModelLoadError(

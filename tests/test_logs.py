@@ -48,3 +48,14 @@ def test_server_errors_keep_their_traceback():
 def test_per_request_timing_lines_are_dropped_but_warnings_kept():
     assert DropTimings().filter(record("kserve.io.v1.predict: 0.001")) is False
     assert DropTimings().filter(record("slow", logging.WARNING)) is True
+
+
+def test_client_text_in_an_error_cannot_forge_or_flood_a_line():
+    """A model name from the URL (%0A decodes to a newline) reaches ModelNotFound's text."""
+    error = InvalidInput("model a\n2026-11-27 ERROR forged line\x1b[31m" + "x" * 10_000)
+    item = record("Exception:", logging.ERROR, (InvalidInput, error, None))
+    ClientErrorsInOneLine().filter(item)
+    line = logging.Formatter("%(levelname)s %(message)s").format(item)
+    assert "\n" not in line and "\x1b" not in line
+    assert "a\\x0a2026-11-27 ERROR forged line\\x1b[31m" in line
+    assert len(line) < 600
