@@ -314,9 +314,15 @@ def install_http_edges(app: FastAPI, dataplane: FraudDataPlane) -> None:
     app.add_middleware(ErrorCounter)
     app.add_exception_handler(RequestValidationError, request_validation_handler)
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
+    infer = v2_infer_endpoint(dataplane)
     app.add_api_route(
-        "/v2/models/{model_name}/infer",
-        v2_infer_endpoint(dataplane),
+        "/v2/models/{model_name}/infer", infer, methods=["POST"], response_model=None, tags=["V2"]
+    )
+    # KServe's versioned route answers like the plain one (the version is not checked), so
+    # it must not be a way around this endpoint's checks.
+    app.add_api_route(
+        "/v2/models/{model_name}/versions/{model_version}/infer",
+        infer,
         methods=["POST"],
         response_model=None,
         tags=["V2"],

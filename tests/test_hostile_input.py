@@ -558,3 +558,12 @@ def test_health_answers_within_100_ms_while_huge_requests_are_in_flight(server):
     assert len(latencies) > 20
     slowest = sorted(latencies)[-3:]
     assert max(latencies) < 0.1, f"slowest health answers: {[round(s * 1000) for s in slowest]} ms"
+
+
+def test_the_versioned_v2_route_applies_the_same_checks(server):
+    url = f"{server.url}/v2/models/{MODEL}/versions/1/infer"
+    body, headers, status, message = BINARY["truncated bytes length prefix"]
+    response = requests.post(url, data=body, headers=headers, timeout=30)
+    assert (response.status_code, message in response.json()["error"]) == (status, True)
+    body, headers = binary_request([GOOD])
+    assert requests.post(url, data=body, headers=headers, timeout=30).status_code == 200
