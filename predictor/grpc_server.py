@@ -1,6 +1,6 @@
 """KServe's V2 gRPC server with the edges the REST side has.
 
-* the receive limit is MAX_REQUEST_BYTES (KServe's default is a fixed 8 MiB);
+* requests over MAX_REQUEST_BYTES get RESOURCE_EXHAUSTED (KServe's limit is a fixed 8 MiB);
 * ModelInfer checks tensor shapes against MAX_BATCH_ROWS and raw contents against their
   declared sizes before decoding, decodes large requests in the thread pool, and turns
   decoding failures (a truncated BYTES element, ...) into INVALID_ARGUMENT;
@@ -16,7 +16,7 @@ import struct
 from concurrent import futures
 
 from grpc import StatusCode, aio
-from grpc_interceptor.exceptions import GrpcException
+from grpc_interceptor.exceptions import GrpcException, ResourceExhausted
 from kserve.errors import (
     InferenceError,
     InvalidInput,
@@ -82,11 +82,16 @@ class CountingExceptionInterceptor(ExceptionToStatusInterceptor):
 class FraudInferenceServicer(InferenceServicer):
     """KServe's servicer; ModelInfer checks sizes before it decodes."""
 
-    def __init__(self, data_plane, model_repository_extension, max_rows: int):
+    def __init__(self, data_plane, model_repository_extension, max_rows: int, max_bytes: int):
         super().__init__(data_plane, model_repository_extension)
         self.max_rows = max_rows
+        self.max_bytes = max_bytes
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        if (size := request.ByteSize()) > self.max_bytes:
+            raise ResourceExhausted(
+                f"request of {size} bytes exceeds {self.max_bytes} bytes (MAX_REQUEST_BYTES)"
+            )
         headers = to_headers(context)
         self.validate_grpc_request(request)
         check_grpc_request(request, self.max_rows)
@@ -151,13 +156,18 @@ class FraudGRPCServer(GRPCServer):
 
     async def start(self, max_workers: int) -> None:
         servicer = FraudInferenceServicer(
-            self._data_plane, self._model_repository_extension, self.settings.max_batch_rows
+            self._data_plane,
+            self._model_repository_extension,
+            self.settings.max_batch_rows,
+            self.settings.max_request_bytes,
         )
         self._server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
             interceptors=(CountingExceptionInterceptor(),),
             options=[
-                ("grpc.max_receive_message_length", self.settings.max_request_bytes),
+                # Up to twice the limit reaches ModelInfer, which refuses (and counts) what
+                # is over it; gRPC itself drops anything larger, uncounted.
+                ("grpc.max_receive_message_length", 2 * self.settings.max_request_bytes),
                 ("grpc.max_send_message_length", -1),
             ],
         )

@@ -487,6 +487,17 @@ def error_counts(server: Server) -> dict[tuple[str, str], float]:
     return counts
 
 
+def test_grpc_requests_over_max_request_bytes_are_refused_and_counted(server, stub):
+    before = error_counts(server).get(("grpc", "RESOURCE_EXHAUSTED"), 0)
+    oversized = grpc_request([{**GOOD, "merchant_category": "x" * (9 * 1024 * 1024)}])
+    with pytest.raises(grpc.RpcError) as error:
+        stub.ModelInfer(oversized, timeout=30)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "MAX_REQUEST_BYTES" in error.value.details()
+    assert error_counts(server)[("grpc", "RESOURCE_EXHAUSTED")] == before + 1
+    assert stub.ModelInfer(grpc_request([GOOD]), timeout=30).outputs
+
+
 def test_every_error_is_counted_by_protocol_and_status(server, stub):
     before = error_counts(server)
     body, headers, *_ = BINARY["length not a number"]
