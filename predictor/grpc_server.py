@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from concurrent import futures
 
 from grpc import StatusCode, aio
@@ -61,7 +62,17 @@ def status_of(error: Exception) -> StatusCode:
 
 
 class CountingExceptionInterceptor(ExceptionToStatusInterceptor):
-    """Map exceptions to status codes, count them, and log a client's mistake in one line."""
+    """Map exceptions to status codes, count them, log a client's mistake in one line, and
+    time ModelInfer calls (`fraud_request_duration_seconds{protocol="grpc"}`)."""
+
+    async def intercept(self, method, request_or_iterator, context, method_name):
+        if not method_name.endswith("/ModelInfer"):
+            return await super().intercept(method, request_or_iterator, context, method_name)
+        began = time.perf_counter()
+        try:
+            return await super().intercept(method, request_or_iterator, context, method_name)
+        finally:
+            metrics.REQUEST_SECONDS.labels(protocol="grpc").observe(time.perf_counter() - began)
 
     async def handle_exception(self, ex, request_or_iterator, context, method_name):
         if isinstance(ex, GrpcException):

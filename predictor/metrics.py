@@ -62,6 +62,13 @@ REQUEST_ERRORS = Counter(
     " than OK (protocol grpc).",
     ["protocol", "status"],
 )
+REQUEST_SECONDS = Histogram(
+    "fraud_request_duration_seconds",
+    "Inference requests (V1 predict, V2 infer, gRPC ModelInfer) from arrival to the last byte"
+    " of the answer, whatever the status; its count is the request count.",
+    ["protocol"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 INVALID_OUTPUTS = Counter(
     "fraud_invalid_model_outputs",
     "Requests refused because the served version returned scores that are not probabilities.",

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import struct
+import time
 import warnings
 from typing import Any
 
@@ -108,9 +109,13 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": payload})
 
 
-class ErrorCounter:
-    """Count responses with status >= 400 (KServe's handlers and ours alike), and the 500
-    that Starlette's outermost middleware sends for an exception nobody handled."""
+INFERENCE_PATH_SUFFIXES = (":predict", "/infer", ":explain")
+
+
+class RequestMetrics:
+    """Count responses with status >= 400 (KServe's handlers and ours alike, and the 500
+    that Starlette's outermost middleware sends for an exception nobody handled), and time
+    inference requests end to end (`fraud_request_duration_seconds`)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -121,6 +126,7 @@ class ErrorCounter:
             return
 
         started = False
+        began = time.perf_counter()
 
         async def counting_send(message: Message) -> None:
             nonlocal started
@@ -139,6 +145,9 @@ class ErrorCounter:
             if not started:
                 metrics.REQUEST_ERRORS.labels(protocol="http", status="500").inc()
             raise
+        finally:
+            if scope["path"].endswith(INFERENCE_PATH_SUFFIXES):
+                metrics.REQUEST_SECONDS.labels(protocol="http").observe(time.perf_counter() - began)
 
 
 async def metrics_endpoint(_: Request) -> Response:
@@ -311,7 +320,7 @@ def install_http_edges(app: FastAPI, dataplane: FraudDataPlane) -> None:
     Routes added here take precedence over KServe's, which are registered at start-up.
     """
     app.add_middleware(BodySizeLimit, max_bytes=dataplane.settings.max_request_bytes)
-    app.add_middleware(ErrorCounter)
+    app.add_middleware(RequestMetrics)
     app.add_exception_handler(RequestValidationError, request_validation_handler)
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     infer = v2_infer_endpoint(dataplane)

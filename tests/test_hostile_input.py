@@ -513,6 +513,9 @@ def test_every_error_is_counted_by_protocol_and_status(server, stub):
         return after.get(key, 0) - before.get(key, 0)
 
     assert grew(("http", "400")) == 3
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    assert 'fraud_request_duration_seconds_count{protocol="grpc"}' in text
+    assert 'fraud_request_duration_seconds_count{protocol="http"}' in text
     assert grew(("http", "404")) == 1
     assert grew(("grpc", "NOT_FOUND")) == 1
     assert grew(("grpc", "INVALID_ARGUMENT")) == 2

@@ -1,0 +1,455 @@
+"""Monitoring, proven with the real tools: `promtool check rules` and `promtool test rules`
+for every alert (firing and quiet), a real Prometheus scraping a real predictor, and the
+monitoring component rendered with each deployable and checked against the CRD schemas.
+
+promtool and prometheus come from Debian's `prometheus` package (`.ci/run` installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+import requests
+import yaml
+from support import free_port, launch_predictor, stop
+from test_manifests import SCHEMAS_DIR, admitted_ports, kubectl, pod_spec, strict
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPONENT = ROOT / "manifests" / "components" / "monitoring"
+RULE = yaml.safe_load((COMPONENT / "prometheusrule.yaml").read_text())
+DASHBOARD = json.loads((COMPONENT / "dashboard.json").read_text())
+JOB = {"job": "fraud-predictor"}
+GOOD = [42.0, "2026-11-26T14:02:00+01:00", "grocery", True, 2.5, 1, 41, 2400]
+SUSPICIOUS = [912.5, "2026-11-26T03:14:00+00:00", "electronics", False, 420.0, 9, 23, 12]
+
+
+def tool(name: str) -> str:
+    binary = shutil.which(name)
+    if binary is None:
+        pytest.skip(f"{name} is not installed (Debian package prometheus; .ci/run installs it)")
+    return binary
+
+
+def write_rules(directory: Path) -> Path:
+    """The PrometheusRule's groups as the rule file Prometheus and promtool read."""
+    path = directory / "rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": RULE["spec"]["groups"]}, sort_keys=False))
+    return path
+
+
+def alerts() -> dict[str, dict]:
+    return {r["alert"]: r for g in RULE["spec"]["groups"] for r in g["rules"] if "alert" in r}
+
+
+def test_rules_pass_promtool_check(tmp_path):
+    result = subprocess.run(
+        [tool("promtool"), "check", "rules", str(write_rules(tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 12 rules found" in result.stdout
+
+
+# --------------------------------------------------------------- promtool unit tests
+
+
+def series(name: str, values: str, **labels: str) -> dict:
+    rendered = ",".join(
+        f'{k}="{v}"' for k, v in {**JOB, "instance": "10.0.0.1:8080", **labels}.items()
+    )
+    return {"series": f"{name}{{{rendered}}}", "values": values}
+
+
+def counter_pair(name: str, first: str, second: str, label: str, a: str, b: str) -> list[dict]:
+    return [series(name, first, **{label: a}), series(name, second, **{label: b})]
+
+
+INFO = {"model": "fraud-detector", "alias": "champion", "run_id": "r"}
+
+# alert -> list of (case, interval, input series, eval time, expected alert labels or [])
+CASES: dict[str, list[tuple]] = {
+    "FraudPredictorDown": [
+        ("all targets down", "1m", [series("up", "0x20")], "10m", [{}]),
+        ("no target at all", "1m", [series("fraud_model_info", "1x20", version="1", **INFO)],
+         "10m", [{}]),
+        ("a target up", "1m", [series("up", "0x3 1x20")], "10m", []),
+    ],
+    "FraudPredictorNoModelLoaded": [
+        ("up without a model", "1m", [series("up", "1x20")], "15m",
+         [{**JOB, "instance": "10.0.0.1:8080"}]),
+        ("up and serving", "1m",
+         [series("up", "1x20"), series("fraud_model_info", "1x20", version="1", **INFO)],
+         "15m", []),
+    ],
+    "FraudPredictorHighErrorRatio": [
+        ("5 % server errors", "1m", [
+            series("fraud_request_duration_seconds_count", "0+100x20", protocol="http"),
+            series("fraud_request_errors_total", "0+5x20", protocol="http", status="500"),
+        ], "15m", [{}]),
+        ("grpc INTERNAL counts too", "1m", [
+            series("fraud_request_duration_seconds_count", "0+100x20", protocol="grpc"),
+            series("fraud_request_errors_total", "0+3x20", protocol="grpc", status="INTERNAL"),
+        ], "15m", [{}]),
+        ("client errors do not", "1m", [
+            series("fraud_request_duration_seconds_count", "0+100x20", protocol="http"),
+            series("fraud_request_errors_total", "0+50x20", protocol="http", status="400"),
+            series("fraud_request_errors_total", "0+0.5x20", protocol="http", status="503"),
+        ], "15m", []),
+    ],
+    "FraudPredictorSlowRequests": [
+        ("p99 near 0.5 s", "1m", [
+            series("fraud_request_duration_seconds_bucket", "0+0x30", protocol="http", le="0.25"),
+            series("fraud_request_duration_seconds_bucket", "0+10x30", protocol="http", le="0.5"),
+            series("fraud_request_duration_seconds_bucket", "0+10x30", protocol="http", le="+Inf"),
+        ], "20m", [{}]),
+        ("p99 under 0.1 s", "1m", [
+            series("fraud_request_duration_seconds_bucket", "0+10x30", protocol="http", le="0.1"),
+            series("fraud_request_duration_seconds_bucket", "0+10x30", protocol="http", le="0.25"),
+            series("fraud_request_duration_seconds_bucket", "0+10x30", protocol="http", le="+Inf"),
+        ], "20m", []),
+    ],
+    "FraudPredictorModelLoadFailing": [
+        ("a reload failed", "1m", [series(
+            "fraud_model_load_attempts_total", "0 0 0 1 1 1 1 1", kind="reload", outcome="failure"
+        )], "5m", [{}]),
+        ("reloads succeed", "1m", [series(
+            "fraud_model_load_attempts_total", "0 0 0 1 1 1 1 1", kind="reload", outcome="success"
+        )], "5m", []),
+    ],
+    "FraudPredictorRegistryUnreachable": [
+        ("a lookup fails every minute", "1m", [series(
+            "fraud_model_load_attempts_total", "0+1x30", kind="reload", outcome="registry_error"
+        )], "20m", [{}]),
+        ("one failed lookup", "1m", [series(
+            "fraud_model_load_attempts_total", "0 0 0 1x30", kind="reload", outcome="registry_error"
+        )], "20m", []),
+    ],
+    "FraudPredictorModelVersionChanged": [
+        ("version 2 replaced version 1", "1m", [
+            series("fraud_model_info", "1x30 0x40", version="1", **INFO),
+            series("fraud_model_info", "_x30 1x40", version="2", **INFO),
+        ], "40m", [{"model": "fraud-detector", "version": "2"}]),
+        ("version 2 served for an hour", "1m", [
+            series("fraud_model_info", "1x30 0x40", version="1", **INFO),
+            series("fraud_model_info", "_x30 1x40", version="2", **INFO),
+        ], "70m", []),
+    ],
+    "FraudFlagRateOutOfBand": [
+        ("2 % for a day, then half", "10m", [
+            series("fraud_predictions_total", "0+980x170", outcome="legit"),
+            series("fraud_predictions_total", "0+20x150 3000+980x20", outcome="fraud"),
+        ], "27h", [{}]),
+        ("2 % all along", "10m", [
+            series("fraud_predictions_total", "0+980x170", outcome="legit"),
+            series("fraud_predictions_total", "0+20x170", outcome="fraud"),
+        ], "27h", []),
+    ],
+    "FraudScoreDistributionShift": [
+        ("95 % low scores for a week, then 60 %", "30m", [
+            series("fraud_probability_bucket", "0+950x340 323000+600x20", le="0.1"),
+            series("fraud_probability_count", "0+1000x360"),
+        ], "178h", [{}]),
+        ("95 % all along", "30m", [
+            series("fraud_probability_bucket", "0+950x360", le="0.1"),
+            series("fraud_probability_count", "0+1000x360"),
+        ], "178h", []),
+    ],
+    "FraudPredictorNoTraffic": [
+        ("traffic stopped", "1m", [
+            series("up", "1x45"),
+            series("fraud_request_duration_seconds_count", "0+10x10 100x35", protocol="http"),
+        ], "42m", [{}]),
+        ("traffic flows", "1m", [
+            series("up", "1x45"),
+            series("fraud_request_duration_seconds_count", "0+10x45", protocol="http"),
+        ], "42m", []),
+    ],
+}  # fmt: skip
+
+
+def expected_alert(rule: dict, labels: dict[str, str]) -> dict:
+    """promtool compares labels and annotations exactly: render the rule's own templates."""
+
+    def render(text: str) -> str:
+        return re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels[m[1]], text)
+
+    return {
+        "exp_labels": {**labels, **rule["labels"]},
+        "exp_annotations": {k: render(v) for k, v in rule["annotations"].items()},
+    }
+
+
+def promtool_tests(cases: dict[str, list[tuple]]) -> dict:
+    rules = alerts()
+    tests = []
+    for name, entries in cases.items():
+        for case, interval, input_series, eval_time, expected in entries:
+            tests.append(
+                {
+                    "name": f"{name}: {case}",
+                    "interval": interval,
+                    "input_series": input_series,
+                    "alert_rule_test": [
+                        {
+                            "eval_time": eval_time,
+                            "alertname": name,
+                            "exp_alerts": [expected_alert(rules[name], e) for e in expected],
+                        }
+                    ],
+                }
+            )
+    return {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": tests}
+
+
+def run_promtool_tests(directory: Path, cases: dict) -> subprocess.CompletedProcess:
+    write_rules(directory)
+    test_file = directory / "rules.test.yaml"
+    test_file.write_text(yaml.safe_dump(promtool_tests(cases), sort_keys=False))
+    return subprocess.run(
+        [tool("promtool"), "test", "rules", str(test_file)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_every_alert_has_firing_and_quiet_cases():
+    assert set(CASES) == set(alerts())
+    for name, entries in CASES.items():
+        assert any(e[4] for e in entries) and any(not e[4] for e in entries), name
+
+
+def test_every_alert_fires_and_stays_quiet_under_promtool(tmp_path):
+    result = run_promtool_tests(tmp_path, CASES)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_promtool_tests_catch_a_wrong_expectation(tmp_path):
+    planted = {"FraudPredictorDown": [("claims quiet", "1m", [series("up", "0x20")], "10m", [])]}
+    result = run_promtool_tests(tmp_path, planted)
+    assert result.returncode != 0 and "FraudPredictorDown" in result.stdout + result.stderr
+
+
+# ---------------------------------------------------- a real Prometheus, a real predictor
+
+
+def referenced_metrics() -> set[str]:
+    """Series names the rules and the dashboard query (histogram suffixes included)."""
+    exprs = [r["expr"] for g in RULE["spec"]["groups"] for r in g["rules"]]
+    exprs += [t["expr"] for p in DASHBOARD["panels"] for t in p["targets"]]
+    names = set()
+    for expr in exprs:
+        names |= set(re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", expr))
+        names |= set(re.findall(r"\b(fraud:[a-z0-9_:]+)\b", expr))
+    return names - {"by", "without", "on"}
+
+
+def test_the_rules_and_dashboard_reference_the_metrics_they_mean():
+    names = referenced_metrics()
+    for expected in (
+        "up",
+        "fraud_model_info",
+        "fraud_request_duration_seconds_count",
+        "fraud_request_errors_total",
+        "fraud_probability_bucket",
+        "request_predict_seconds_bucket",
+        "fraud:flag_ratio:rate1h",
+    ):
+        assert expected in names
+
+
+@pytest.fixture
+def prometheus(tmp_path, mlflow_server, champion):
+    """A predictor on loopback and a real Prometheus scraping it every second."""
+    predictor = launch_predictor(
+        tmp_path / "predictor", env={"MLFLOW_TRACKING_URI": mlflow_server.url}
+    )
+    port = free_port()
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(write_rules(tmp_path))],
+        "scrape_configs": [
+            {
+                "job_name": "fraud-predictor",
+                "static_configs": [{"targets": [predictor.url.removeprefix("http://")]}],
+            }
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - lives with the process
+    process = subprocess.Popen(
+        [
+            tool("prometheus"),
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{url}/-/ready", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        yield url, predictor
+    finally:
+        stop(process)
+        stop(predictor.process)
+
+
+def query(url: str, expr: str) -> dict[str, float]:
+    """Instant query: {label set as text: value}."""
+    data = requests.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert data["status"] == "success", data
+    return {
+        json.dumps(r["metric"], sort_keys=True): float(r["value"][1])
+        for r in data["data"]["result"]
+    }
+
+
+def scalar(url: str, expr: str) -> float | None:
+    values = list(query(url, expr).values())
+    return values[0] if len(values) == 1 else None
+
+
+def test_prometheus_scrapes_what_the_traffic_implies(prometheus):
+    url, predictor = prometheus
+    endpoint = f"{predictor.url}/v1/models/fraud-detector:predict"
+    fraud = 0
+    for phase in range(2):  # scraped in between, so rates see the counters grow
+        for _ in range(20):
+            body = requests.post(
+                endpoint, json={"instances": [GOOD] * 4 + [SUSPICIOUS]}, timeout=10
+            )
+            assert body.status_code == 200
+            fraud += sum(p["is_fraud"] for p in body.json()["predictions"])
+        deadline = time.monotonic() + 30
+        total = 'sum(fraud_predictions_total{job="fraud-predictor"})'
+        while phase == 0 and scalar(url, total) != 100 and time.monotonic() < deadline:
+            time.sleep(0.3)
+    for _ in range(7):
+        assert requests.post(endpoint, json={"instances": []}, timeout=10).status_code == 400
+    expected = {
+        'sum(fraud_predictions_total{job="fraud-predictor"})': 200,
+        'sum(fraud_predictions_total{job="fraud-predictor",outcome="fraud"})': fraud,
+        'sum(fraud_request_rows_count{job="fraud-predictor"})': 40,
+        'sum(fraud_request_rows_sum{job="fraud-predictor"})': 200,
+        'sum(fraud_probability_count{job="fraud-predictor"})': 200,
+        'sum(fraud_request_errors_total{job="fraud-predictor",status="400"})': 7,
+        'sum(fraud_request_duration_seconds_count{job="fraud-predictor",protocol="http"})': 47,
+        'sum(request_predict_seconds_count{job="fraud-predictor"})': 40,  # KServe's own
+        'max(fraud_model_info{job="fraud-predictor"})': 1,
+        'sum(up{job="fraud-predictor"})': 1,
+    }
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        seen = {expr: scalar(url, expr) for expr in expected}
+        ratio = scalar(url, "fraud:flag_ratio:rate1h")
+        if seen == expected and ratio is not None and not math.isnan(ratio):
+            break
+        time.sleep(0.5)
+    assert seen == expected
+    assert scalar(url, "fraud:flag_ratio:rate1h") == pytest.approx(fraud / 200, abs=0.05)
+
+    names = set(requests.get(f"{url}/api/v1/label/__name__/values", timeout=10).json()["data"])
+    assert referenced_metrics() - names == set(), "referenced but never exported"
+
+    groups = requests.get(f"{url}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert len(rules) == 12
+    assert [r["name"] for r in rules if r["health"] != "ok"] == []
+    firing = {r["name"] for r in rules if r.get("state") == "firing"}
+    assert "FraudPredictorDown" not in firing and "FraudPredictorHighErrorRatio" not in firing
+
+
+# ------------------------------------------------------------ the component, rendered
+
+
+def render_with_monitoring(tmp_path: Path, deployable: str) -> list[dict]:
+    """The deployable as a user enables monitoring: one `components:` line added."""
+    copy = tmp_path / "repo"
+    shutil.copytree(ROOT / "manifests", copy / "manifests")
+    kustomization = copy / deployable / "kustomization.yaml"
+    relative = Path(*[".."] * (len(Path(deployable).parts) - 1), "components/monitoring")
+    text = kustomization.read_text()
+    if "components:\n" in text:
+        text = text.replace("components:\n", f"components:\n  - {relative}\n")
+    else:
+        text += f"components:\n  - {relative}\n"
+    kustomization.write_text(text)
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(copy / deployable)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def crd_errors(obj: dict, crd_file: str) -> list[str]:
+    path = SCHEMAS_DIR / crd_file
+    if not path.exists():
+        pytest.skip(f"CRD schema {path} is absent; set MANIFEST_SCHEMAS_DIR")
+    crd = yaml.safe_load(path.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
+    schema = strict(version["schema"]["openAPIV3Schema"])
+    schema.setdefault("properties", {})["metadata"] = {"type": "object"}
+    validator = jsonschema.Draft7Validator(schema)
+    return [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)
+    ]
+
+
+# The port each mode's pods expose the metrics on: Standard and the fallback from their own
+# container spec; in Knative mode KServe's pod webhook adds `aggr-metric` (9088) to
+# queue-proxy when metric aggregation is on (kserve v0.20.0
+# pkg/webhook/admission/pod/metrics_aggregate_injector.go).
+MODE_PORTS = {
+    "manifests/overlays/standard": None,
+    "manifests/overlays/knative": {"aggr-metric": 9088},
+    "manifests/fallback": None,
+}
+
+
+@pytest.mark.parametrize("deployable", list(MODE_PORTS))
+def test_monitoring_component_scrapes_each_deployable_through_an_admitted_port(
+    tmp_path, deployable
+):
+    objects = render_with_monitoring(tmp_path, deployable)
+    by_kind = {o["kind"]: o for o in objects if o["kind"] in ("PodMonitor", "PrometheusRule")}
+    assert crd_errors(by_kind["PodMonitor"], "monitoring.coreos.com_podmonitors.yaml") == []
+    assert crd_errors(by_kind["PrometheusRule"], "monitoring.coreos.com_prometheusrules.yaml") == []
+    monitor = by_kind["PodMonitor"]["spec"]
+    workload = next(o for o in objects if o["kind"] in ("InferenceService", "Deployment"))
+    spec = pod_spec(workload)
+    pod_labels = (
+        spec.get("labels", {})
+        if workload["kind"] == "InferenceService"
+        else workload["spec"]["template"]["metadata"]["labels"]
+    )
+    assert monitor["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pod_labels[monitor["jobLabel"]] == JOB["job"]  # the job the rules select
+    ports = MODE_PORTS[deployable] or {
+        p["name"]: p["containerPort"] for p in spec["containers"][0]["ports"]
+    }
+    scraped = [e["port"] for e in monitor["podMetricsEndpoints"] if e["port"] in ports]
+    assert len(scraped) == 1, (deployable, ports)
+    assert ports[scraped[0]] in admitted_ports(tuple(objects))
+    dashboard = next(o for o in objects if o["metadata"]["name"].startswith("fraud-predictor-dash"))
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["fraud-predictor.json"])["uid"] == "fraud-predictor"
