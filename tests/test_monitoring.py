@@ -16,11 +16,19 @@ import time
 from pathlib import Path
 
 import jsonschema
+import kubernetes_validate
 import pytest
 import requests
 import yaml
 from support import free_port, launch_predictor, stop
-from test_manifests import SCHEMAS_DIR, admitted_ports, kubectl, pod_spec, strict
+from test_manifests import (
+    K8S_VERSION,
+    SCHEMAS_DIR,
+    admitted_ports,
+    kubectl,
+    pod_spec,
+    strict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPONENT = ROOT / "manifests" / "components" / "monitoring"
@@ -431,6 +439,9 @@ def test_monitoring_component_scrapes_each_deployable_through_an_admitted_port(
     tmp_path, deployable
 ):
     objects = render_with_monitoring(tmp_path, deployable)
+    for obj in objects:  # the core objects, the dashboard ConfigMap among them
+        if obj["kind"] not in ("PodMonitor", "PrometheusRule", "InferenceService"):
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
     by_kind = {o["kind"]: o for o in objects if o["kind"] in ("PodMonitor", "PrometheusRule")}
     assert crd_errors(by_kind["PodMonitor"], "monitoring.coreos.com_podmonitors.yaml") == []
     assert crd_errors(by_kind["PrometheusRule"], "monitoring.coreos.com_prometheusrules.yaml") == []
@@ -450,6 +461,10 @@ def test_monitoring_component_scrapes_each_deployable_through_an_admitted_port(
     scraped = [e["port"] for e in monitor["podMetricsEndpoints"] if e["port"] in ports]
     assert len(scraped) == 1, (deployable, ports)
     assert ports[scraped[0]] in admitted_ports(tuple(objects))
+    project = yaml.safe_load((ROOT / "argocd" / "project.yaml").read_text())
+    allowed = {(k["group"], k["kind"]) for k in project["spec"]["namespaceResourceWhitelist"]}
+    for obj in objects:  # Argo CD syncs only the kinds the AppProject admits
+        assert (obj["apiVersion"].rpartition("/")[0], obj["kind"]) in allowed, obj["kind"]
     dashboard = next(o for o in objects if o["metadata"]["name"].startswith("fraud-predictor-dash"))
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(dashboard["data"]["fraud-predictor.json"])["uid"] == "fraud-predictor"
