@@ -15,11 +15,11 @@ ENV UV_COMPILE_BYTECODE=1 \
 WORKDIR /src
 COPY pyproject.toml uv.lock ./
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --no-install-project
+    uv sync --frozen --no-dev --extra explain --no-install-project
 COPY README.md ./
 COPY predictor ./predictor
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --no-editable
+    uv sync --frozen --no-dev --extra explain --no-editable
 
 # ---- runtime: slim Python, the venv only, a named non-root user, nothing written but /tmp
 FROM python:3.11.14-slim-bookworm AS runtime

@@ -12,6 +12,7 @@ import struct
 import uuid
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
@@ -58,7 +59,15 @@ def _check_rows(count: int, where: str, max_rows: int) -> None:
         raise InvalidInput(f"{where}: {count} rows exceed the limit of {max_rows} (MAX_BATCH_ROWS)")
 
 
-def decode_v1(body: Any, max_rows: int) -> list[Transaction]:
+@dataclass(frozen=True)
+class Decoded:
+    """Validated transactions and the rows as the client sent them (for reason codes)."""
+
+    transactions: list[Transaction]
+    rows: list[dict[str, Any]]
+
+
+def decode_v1(body: Any, max_rows: int) -> Decoded:
     """``{"instances": [...]}`` with objects, or lists in FIELD_ORDER, -> transactions."""
     if isinstance(body, bytes | bytearray | str):
         # KServe leaves the body undecoded unless Content-Type is exactly a JSON type.
@@ -96,7 +105,7 @@ def decode_v1(body: Any, max_rows: int) -> list[Transaction]:
             _refuse_unknown_fields(instance, index)
         rows.append(instance)
     try:
-        return validate_transactions(rows)
+        return Decoded(validate_transactions(rows), rows)
     except InvalidTransactions as error:
         raise InvalidInput(str(error)) from None
 
@@ -126,7 +135,7 @@ def _tensor_location(loc: tuple[int | str, ...]) -> str:
     return f"row {loc[0]}" if loc else "inputs"
 
 
-def decode_v2(request: InferRequest, max_rows: int) -> list[Transaction]:
+def decode_v2(request: InferRequest, max_rows: int) -> Decoded:
     """One tensor per field, datatype and shape [n] as in the metadata -> transactions."""
     inputs = request.inputs or []
     names = [tensor.name for tensor in inputs]
@@ -170,7 +179,7 @@ def decode_v2(request: InferRequest, max_rows: int) -> list[Transaction]:
     ordered = [columns[name] for name in FIELD_ORDER]
     rows = [dict(zip(FIELD_ORDER, values, strict=True)) for values in zip(*ordered, strict=True)]
     try:
-        return validate_transactions(rows, locate=_tensor_location)
+        return Decoded(validate_transactions(rows, locate=_tensor_location), rows)
     except InvalidTransactions as error:
         raise InvalidInput(str(error)) from None
 

@@ -69,6 +69,11 @@ REQUEST_SECONDS = Histogram(
     ["protocol"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+EXPLAINED = Counter(
+    "fraud_explained_transactions",
+    "Transactions explained (reason codes) by :explain; latency and request counts are in"
+    " KServe's request_explain_seconds.",
+)
 INVALID_OUTPUTS = Counter(
     "fraud_invalid_model_outputs",
     "Requests refused because the served version returned scores that are not probabilities.",

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from kserve import Model
-from kserve.errors import InferenceError
+from kserve.errors import InferenceError, InvalidInput
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from predictor import codec, metrics, registry
+from predictor.explain import Explainer, ExplainerUnavailable, explain_rows
 from predictor.features import build_features
 from predictor.lifecycle import ModelWatcher
 from predictor.settings import Settings
@@ -29,10 +31,13 @@ INLINE_MAX_BODY_BYTES = 64 * 1024
 
 @dataclass(frozen=True)
 class Serving:
-    """The estimator and the threshold it is judged by, swapped in together."""
+    """The estimator, the threshold it is judged by and its explainer, swapped in together."""
 
     loaded: registry.LoadedModel
     threshold: float
+    explainer: Explainer | None = None
+    #: Why this version cannot be explained (when `explainer` is None).
+    explainer_error: str | None = None
 
     @property
     def version(self) -> str:
@@ -41,10 +46,12 @@ class Serving:
 
 @dataclass(frozen=True)
 class Batch:
-    """A validated request: its feature matrix and, for V2, the request to answer."""
+    """A validated request: its feature matrix, for V2 the request to answer, and the rows as
+    sent (reason codes quote them)."""
 
     features: np.ndarray
     v2_request: InferRequest | None
+    rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 class FraudModel(Model):
@@ -107,7 +114,10 @@ class FraudModel(Model):
                 "set DECISION_THRESHOLD or tag the version"
             )
         previous = self._serving
-        self._serving = Serving(loaded=loaded, threshold=threshold)
+        # Built before the swap, so an explanation always describes the version that scored
+        # the row (the first one of a process imports shap: ~0.4 s).
+        explainer, explainer_error = _build_explainer(loaded)
+        self._serving = Serving(loaded, threshold, explainer, explainer_error)
         self.ready = True
         ref = loaded.ref
         if previous is not None:
@@ -137,8 +147,10 @@ class FraudModel(Model):
     def _decode(self, payload: Any) -> Batch:
         max_rows = self.settings.max_batch_rows
         if isinstance(payload, InferRequest):
-            return Batch(build_features(codec.decode_v2(payload, max_rows)), payload)
-        return Batch(build_features(codec.decode_v1(payload, max_rows)), None)
+            decoded = codec.decode_v2(payload, max_rows)
+            return Batch(build_features(decoded.transactions), payload, decoded.rows)
+        decoded = codec.decode_v1(payload, max_rows)
+        return Batch(build_features(decoded.transactions), None, decoded.rows)
 
     async def predict(
         self,
@@ -150,22 +162,12 @@ class FraudModel(Model):
         serving = self._serving  # read once: the whole request is answered by this version
         if serving is None:
             raise InferenceError("no model is loaded")
-        estimator = serving.loaded.estimator
-        try:
-            if len(payload.features) <= INLINE_MAX_ROWS:
-                probabilities = _fraud_probability(estimator, payload.features)
-            else:
-                loop = asyncio.get_running_loop()
-                probabilities = await loop.run_in_executor(
-                    None, _fraud_probability, estimator, payload.features
-                )
-        except Exception as error:
-            raise InferenceError(f"model version {serving.version} failed: {error}") from error
-        if not registry.are_probabilities(probabilities):
-            metrics.INVALID_OUTPUTS.labels(version=serving.version).inc()
-            raise InferenceError(
-                f"model version {serving.version} returned scores that are not probabilities "
-                "(not finite or outside [0, 1]); nothing was scored"
+        if len(payload.features) <= INLINE_MAX_ROWS:
+            probabilities = _checked_probabilities(serving, payload.features)
+        else:
+            loop = asyncio.get_running_loop()
+            probabilities = await loop.run_in_executor(
+                None, _checked_probabilities, serving, payload.features
             )
         decisions = probabilities >= serving.threshold
         metrics.observe_scores(probabilities, decisions)
@@ -176,6 +178,27 @@ class FraudModel(Model):
                 payload.v2_request, self.name, probabilities, decisions, serving.version
             )
         return codec.encode_v1(probabilities, decisions, serving.version)
+
+    async def explain(self, payload: Batch, headers: dict[str, str] | None = None) -> dict:
+        """Reason codes for every transaction, from the version that scores it (thread pool:
+        exact tree SHAP costs about a millisecond per row)."""
+        serving = self._serving  # read once: scores and explanations from one version
+        if serving is None:
+            raise InferenceError("no model is loaded")
+        if serving.explainer is None:
+            raise NotImplementedError(
+                f"model version {serving.version} cannot be explained: {serving.explainer_error}"
+            )
+        rows = len(payload.features)
+        if rows > self.settings.max_explain_rows:
+            raise InvalidInput(
+                f"instances: {rows} rows exceed the explain limit of "
+                f"{self.settings.max_explain_rows} (MAX_EXPLAIN_ROWS)"
+            )
+        loop = asyncio.get_running_loop()
+        explanations = await loop.run_in_executor(None, _explain, serving, payload)
+        metrics.EXPLAINED.inc(rows)
+        return {"explanations": explanations, "model_version": serving.version}
 
     def get_input_types(self) -> list[dict]:
         return codec.tensor_metadata(codec.V2_INPUTS)
@@ -206,5 +229,45 @@ def _model_info(ref: registry.ModelRef):
     )
 
 
-def _fraud_probability(estimator: Any, features: np.ndarray) -> np.ndarray:
-    return estimator.predict_proba(features)[:, 1]
+def _checked_probabilities(serving: Serving, features: np.ndarray) -> np.ndarray:
+    """The version's fraud probabilities, refused (and counted) unless they are ones."""
+    try:
+        probabilities = serving.loaded.estimator.predict_proba(features)[:, 1]
+    except Exception as error:
+        raise InferenceError(f"model version {serving.version} failed: {error}") from error
+    if not registry.are_probabilities(probabilities):
+        metrics.INVALID_OUTPUTS.labels(version=serving.version).inc()
+        raise InferenceError(
+            f"model version {serving.version} returned scores that are not probabilities "
+            "(not finite or outside [0, 1]); nothing was scored"
+        )
+    return probabilities
+
+
+def _explain(serving: Serving, batch: Batch) -> list[dict[str, Any]]:
+    probabilities = _checked_probabilities(serving, batch.features)
+    decisions = probabilities >= serving.threshold
+    assert serving.explainer is not None
+    try:
+        return explain_rows(
+            serving.explainer, batch.features, batch.rows, probabilities, decisions, serving.version
+        )
+    except ExplainerUnavailable as error:
+        raise InferenceError(f"model version {serving.version}: {error}") from None
+
+
+def _build_explainer(loaded: registry.LoadedModel) -> tuple[Explainer | None, str | None]:
+    started = time.perf_counter()
+    try:
+        explainer = Explainer(loaded.estimator)
+    except ExplainerUnavailable as error:
+        logger.warning(
+            "version %s serves predictions but cannot be explained: %s", loaded.ref.version, error
+        )
+        return None, str(error)
+    logger.info(
+        "explainer for version %s ready in %.2f s",
+        loaded.ref.version,
+        time.perf_counter() - started,
+    )
+    return explainer, None

@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     model_uri: str = Field(default=f"models:/{DEFAULT_MODEL_NAME}@{DEFAULT_ALIAS}")
     decision_threshold: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
     max_batch_rows: int = Field(default=10_000, ge=1)
+    max_explain_rows: int = Field(default=100, ge=1)
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     local_store_dir: Path = Field(default=Path("mlflow-local"))
     model_load_timeout_seconds: float = Field(default=15.0, gt=0)

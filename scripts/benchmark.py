@@ -1,4 +1,5 @@
-"""Latency and throughput of the predictor over HTTP, side by side with `mlflow models serve`.
+"""Latency and throughput of the predictor over HTTP (predict, infer and explain), side by
+side with `mlflow models serve`.
 
     uv run python scripts/benchmark.py                 # full run: starts everything itself
     uv run python scripts/benchmark.py --url http://127.0.0.1:8080   # an already running server
@@ -50,7 +51,7 @@ class Target:
     name: str
     base_url: str
     path: str
-    protocol: str  # v1 | v2 | mlflow
+    protocol: str  # v1 | v2 | explain | mlflow
 
 
 @dataclass
@@ -72,7 +73,7 @@ class Result:
 
 
 def body_for(protocol: str, transactions: list[dict]) -> bytes:
-    if protocol == "v1":
+    if protocol in ("v1", "explain"):
         return json.dumps({"instances": transactions}).encode()
     if protocol == "v2":
         inputs = [
@@ -95,6 +96,8 @@ def probabilities_of(protocol: str, body: dict) -> list[float]:
     """The fraud probabilities in a response body, whatever the protocol."""
     if protocol == "v1":
         return [p["fraud_probability"] for p in body["predictions"]]
+    if protocol == "explain":
+        return [e["fraud_probability"] for e in body["explanations"]]
     if protocol == "v2":
         return {o["name"]: o["data"] for o in body["outputs"]}["fraud_probability"]
     return [row[1] for row in body["predictions"]]  # predict_proba: [p(legit), p(fraud)]
@@ -365,7 +368,15 @@ def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
 
         v2 = Target("predictor 1w (V2)", one.base_url, f"/v2/models/{MODEL}/infer", "v2")
         one.name = "predictor 1w (V1)"
+        explain = Target(
+            "predictor 1w (explain)", one.base_url, f"/v1/models/{MODEL}:explain", "explain"
+        )
         results = []
+        # Reason codes: one transaction per call, as an analyst's tool asks. Measured first:
+        # the predict runs that follow show the explainer costs predict nothing.
+        for concurrency in args.concurrency:
+            results.append(drive(explain, 1, concurrency, max(200, args.requests // 4), payloads))
+            print(f"  {explain.name} rows=1 c={concurrency} done", file=sys.stderr)
         for rows in args.rows:
             for concurrency in args.concurrency:
                 count = args.requests if rows == 1 else max(100, args.requests // 4)
@@ -416,6 +427,14 @@ def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
             f"(model load {load_seconds:.2f} s of it), mlflow models serve {peer_ready:.1f} s"
         )
         print(f"max |probability difference| vs mlflow models serve: {difference:.1e}")
+        for concurrency in args.concurrency:
+            explained = find("predictor 1w (explain)", 1, concurrency)
+            predicted = find("predictor 1w (V1)", 1, concurrency)
+            print(
+                f"explain rows=1 c={concurrency}: p50 {explained.percentile(50):.2f} ms, "
+                f"{explained.requests_per_second:.0f} req/s "
+                f"(predict p50 {predicted.percentile(50):.2f} ms)"
+            )
         return 1 if any(r.failures for r in results) or difference > 1e-9 else 0
     finally:
         stack.close()
@@ -435,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     for protocol, path in (
         ("v1", f"/v1/models/{MODEL}:predict"),
         ("v2", f"/v2/models/{MODEL}/infer"),
+        ("explain", f"/v1/models/{MODEL}:explain"),
     ):
         target = Target(f"predictor ({protocol.upper()})", args.url.rstrip("/"), path, protocol)
         for rows in args.rows:

@@ -1,16 +1,18 @@
-"""Load test with locust: V1 and V2 users sending realistic generated transactions.
+"""Load test with locust: V1, V2 and explain users sending realistic generated transactions.
 
     uv run locust -f scripts/locustfile.py --headless --host http://127.0.0.1:8080 \\
         --users 8 --spawn-rate 8 --run-time 30s --only-summary
 
 Each user sends batches of 1-20 transactions drawn from a seeded synthetic stream and
-checks every answer (status, one prediction per row, probabilities in [0, 1]); a wrong
+checks every answer (status, one prediction per row, probabilities in [0, 1]; for explain,
+contributions that add up to the probability's logit); a wrong
 answer counts as a failure. Locust prints p50/p95/p99 and the failure count at the end,
 and exits non-zero if any request failed.
 """
 
 from __future__ import annotations
 
+import math
 import random
 
 from locust import FastHttpUser, between, task
@@ -92,3 +94,34 @@ class V2User(FastHttpUser):
                 outputs.get("fraud_probability", []), outputs.get("is_fraud", []), len(rows)
             ):
                 response.failure(f"wrong answer: {response.text[:200]}")
+
+
+class ExplainUser(FastHttpUser):
+    """Asks for reason codes, as an analyst's tool does: fewer, single-transaction calls."""
+
+    wait_time = between(0.0, 0.05)
+    weight = 1
+
+    def on_start(self) -> None:
+        self.rng = random.Random(id(self) + 2)
+
+    @task
+    def explain(self) -> None:
+        rows = batch(self.rng)[:1]
+        with self.client.post(
+            f"/v1/models/{MODEL}:explain",
+            json={"instances": rows},
+            name="v1 explain",
+            catch_response=True,
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"status {response.status_code}: {response.text[:200]}")
+                return
+            (explanation,) = response.json().get("explanations", [None])
+            probability = explanation["fraud_probability"]
+            logit = explanation["base_value"] + sum(explanation["contributions"].values())
+            if (
+                not 0.0 < probability < 1.0
+                or abs(logit - math.log(probability / (1 - probability))) > 1e-6
+            ):
+                response.failure(f"contributions do not add up: {response.text[:200]}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import urllib.error
 import urllib.request
@@ -167,6 +168,32 @@ def run(client: Client, model: str, report=print) -> None:
         f"V2 probabilities {probabilities} differ from V1's {v1_probabilities}",
     )
     report("ok: V2 infer")
+
+    explanation = explain(client, model, version)
+    (top,) = explanation["reasons"][:1]
+    expect(
+        abs(explanation["fraud_probability"] - v1_probabilities[0]) < 1e-9,
+        "explain's probability differs from predict's",
+    )
+    report(f"ok: explain (top reason {top['field']}={top['value']!r})")
+
+
+def explain(client: Client, model: str, version: str) -> dict:
+    """Reason codes for the obvious fraud: additive, in the client's fields."""
+    body, _ = client.call("POST", f"/v1/models/{model}:explain", {"instances": [FRAUDULENT]})
+    (explanation,) = body.get("explanations") or [None]
+    expect(isinstance(explanation, dict), f"explain answered {str(body)[:200]}")
+    contributions = explanation.get("contributions") or {}
+    expect(set(contributions) == set(V2_TYPES), f"contributions keyed by {sorted(contributions)}")
+    expect(body.get("model_version") == version, "explain answered from another version")
+    logit = explanation["base_value"] + sum(contributions.values())
+    probability = explanation["fraud_probability"]
+    expect(
+        abs(logit - math.log(probability / (1 - probability))) < 1e-6,
+        "base value + contributions is not the logit of the probability",
+    )
+    expect(bool(explanation.get("reasons")), "the obvious fraud has no reason codes")
+    return explanation
 
 
 def main(argv: list[str] | None = None) -> int:
