@@ -56,8 +56,20 @@ def escaped(text: str, limit: int = 500) -> str:
 _CONTROLS = {code: f"\\x{code:02x}" for code in (*range(32), 127)}
 
 
-def quiet_kserve_logging() -> None:
+class DropAll(logging.Filter):
+    """uvicorn's access log: a line per request costs more than scoring a transaction, and
+    request counts, statuses and latencies are in the metrics. ACCESS_LOG=true keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+def quiet_kserve_logging(access_log: bool = False) -> None:
     """Logger-level filters: they survive KServe reconfiguring logging in each worker."""
+    access = logging.getLogger("uvicorn.access")
+    access.filters = [f for f in access.filters if not isinstance(f, DropAll)]
+    if not access_log:
+        access.addFilter(DropAll())
     trace = logging.getLogger("kserve.trace")
     if not any(isinstance(f, DropTimings) for f in trace.filters):
         trace.addFilter(DropTimings())

@@ -341,7 +341,7 @@ def install_http_edges(app: FastAPI, dataplane: FraudDataPlane) -> None:
 def prepare_serving_process(dataplane: FraudDataPlane) -> None:
     """Everything a process that answers HTTP needs: edges, and models loading themselves."""
     configure_logging(dataplane.settings.log_format)
-    quiet_kserve_logging()
+    quiet_kserve_logging(dataplane.settings.access_log)
     # KServe's V1 endpoints use ORJSONResponse, which FastAPI warns about on every request.
     warnings.filterwarnings("ignore", category=FastAPIDeprecationWarning)
     install_http_edges(kserve_model_server.app, dataplane)
@@ -394,6 +394,6 @@ def build_server(model: FraudModel, settings: Settings, **server_args: Any) -> M
         # gRPC is served by this parent process: it loads and follows the model too, but
         # its readiness is not a worker's (the workers' markers count for REST readiness).
         configure_logging(settings.log_format)
-        quiet_kserve_logging()
+        quiet_kserve_logging(settings.access_log)
         model.start_watching(marks_ready=False)
     return server

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     model_poll_interval_seconds: float = Field(default=30.0, ge=0)
     model_retry_max_seconds: float = Field(default=30.0, ge=1)
     log_format: Literal["text", "json"] = "text"
+    access_log: bool = False
 
     @field_validator("mlflow_tracking_uri", "decision_threshold", mode="before")
     @classmethod

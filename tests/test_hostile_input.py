@@ -513,6 +513,7 @@ def test_every_error_is_counted_by_protocol_and_status(server, stub):
         return after.get(key, 0) - before.get(key, 0)
 
     assert grew(("http", "400")) == 3
+    assert '"POST /v2/models' not in server.predictor.log()  # no access log by default
     text = requests.get(f"{server.url}/metrics", timeout=10).text
     assert 'fraud_request_duration_seconds_count{protocol="grpc"}' in text
     assert 'fraud_request_duration_seconds_count{protocol="http"}' in text

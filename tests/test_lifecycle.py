@@ -255,7 +255,8 @@ def test_sigterm_lets_accepted_slow_requests_finish(start_predictor, mlflow_serv
 
 def test_metrics_sum_over_workers(start_predictor, mlflow_server, champion):
     predictor = start_predictor(
-        env={"MLFLOW_TRACKING_URI": mlflow_server.url}, args=["--workers", "2"]
+        env={"MLFLOW_TRACKING_URI": mlflow_server.url, "ACCESS_LOG": "true"},
+        args=["--workers", "2"],
     )
     scrape_url = f"{predictor.url}/metrics"
     before = metric(predictor.url, "fraud_predictions_total")
