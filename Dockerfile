@@ -3,7 +3,7 @@
 #   docker build -t fraud-predictor .                                  # the server (default)
 #   docker build --target trainer -t fraud-predictor-trainer .         # one training run
 
-# ---- build: the locked runtime dependencies and the package, in /opt/venv, with bytecode
+# ---- build: locked dependencies and the package, in /opt/venv, with bytecode
 FROM ghcr.io/astral-sh/uv:0.9.7 AS uv
 FROM python:3.11.14-slim-bookworm AS build
 COPY --from=uv /uv /usr/local/bin/uv
@@ -14,6 +14,10 @@ ENV UV_COMPILE_BYTECODE=1 \
     UV_PROJECT_ENVIRONMENT=/opt/venv
 WORKDIR /src
 COPY pyproject.toml uv.lock ./
+
+# The server's venv: serving dependencies (mlflow-skinny, no training libraries) and the
+# explain extra (reason codes).
+FROM build AS build-serving
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --extra explain --no-install-project
 COPY README.md ./
@@ -21,7 +25,16 @@ COPY predictor ./predictor
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --extra explain --no-editable
 
-# ---- runtime: slim Python, the venv only, a named non-root user, nothing written but /tmp
+# The trainer's venv: the train extra (full mlflow, matplotlib).
+FROM build AS build-trainer
+RUN --mount=type=cache,target=/root/.cache/uv \
+    uv sync --frozen --no-dev --extra train --no-install-project
+COPY README.md ./
+COPY predictor ./predictor
+RUN --mount=type=cache,target=/root/.cache/uv \
+    uv sync --frozen --no-dev --extra train --no-editable
+
+# ---- runtime: slim Python, a named non-root user, nothing written but /tmp
 FROM python:3.11.14-slim-bookworm AS runtime
 ARG VERSION=dev
 ARG REVISION=unknown
@@ -34,24 +47,25 @@ LABEL org.opencontainers.image.title="fraud-predictor" \
 RUN groupadd --system --gid 10001 predictor \
     && useradd --system --no-log-init --uid 10001 --gid 10001 --home-dir /tmp \
        --no-create-home --shell /usr/sbin/nologin predictor
-COPY --from=build /opt/venv /opt/venv
-# HOME and the embedded store live in /tmp, so the root filesystem can be read-only.
+# HOME lives in /tmp, so the root filesystem can be read-only.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \
     LOCAL_STORE_DIR=/tmp/mlflow-local \
-    MPLCONFIGDIR=/tmp/matplotlib \
     GIT_PYTHON_REFRESH=quiet
 WORKDIR /tmp
 USER 10001:10001
 
 # ---- trainer: one training run against MLFLOW_TRACKING_URI (the compose stack's trainer)
 FROM runtime AS trainer
+COPY --from=build-trainer /opt/venv /opt/venv
+ENV MPLCONFIGDIR=/tmp/matplotlib
 ENTRYPOINT ["python", "-m", "predictor.training"]
 
-# ---- serving (the default target): the model server
+# ---- serving (the default target): the model server, fed from MLFLOW_TRACKING_URI
 FROM runtime AS serving
+COPY --from=build-serving /opt/venv /opt/venv
 EXPOSE 8080 8081
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/v2/health/live', timeout=2)"]

@@ -15,6 +15,7 @@ import sys  # noqa: E402
 from kserve import model_server  # noqa: E402
 
 from predictor import registry  # noqa: E402
+from predictor.bootstrap import BootstrapError, ensure_embedded_model  # noqa: E402
 from predictor.logs import configure_logging  # noqa: E402
 from predictor.model import FraudModel  # noqa: E402
 from predictor.runtime import remove_run_dir  # noqa: E402
@@ -48,6 +49,11 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format)
+    try:
+        ensure_embedded_model(settings)  # before the server starts, and before its workers
+    except BootstrapError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     registry.configure_client(settings.model_load_timeout_seconds)
     model = FraudModel(args.model_name, settings)
     server = build_server(

@@ -55,7 +55,6 @@ class ModelWatcher:
     _thread: threading.Thread | None = None
     _backoff: Backoff = field(init=False)
     _failed: dict[str, FailedVersion] = field(default_factory=dict)
-    _bootstrapped: bool = False
 
     def __post_init__(self) -> None:
         self._backoff = Backoff(cap=self.settings.model_retry_max_seconds)
@@ -92,11 +91,6 @@ class ModelWatcher:
         kind = "reload" if serving is not None else "initial"
         tracking_uri = self.settings.tracking_uri
         try:
-            if self.settings.uses_embedded_store and not self._bootstrapped:
-                from predictor.training import ensure_demo_model
-
-                ensure_demo_model(self.settings, log=logger.info)
-                self._bootstrapped = True
             ref = registry.resolve(registry.connect(tracking_uri), self.settings.model_uri)
         except Exception as error:  # any registry trouble: log it once, try again later
             delay = self._backoff.next()

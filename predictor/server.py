@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import struct
 import time
 import warnings
@@ -385,11 +384,6 @@ def build_server(model: FraudModel, settings: Settings, **server_args: Any) -> M
     if server.workers == 1:
         prepare_serving_process(server.dataplane)
         return server
-    if settings.uses_embedded_store:
-        # Bootstrap once here, before N workers race to train into one sqlite file.
-        from predictor.training import ensure_demo_model
-
-        ensure_demo_model(settings, log=logging.getLogger("predictor.server").info)
     if server.serves_grpc:
         # gRPC is served by this parent process: it loads and follows the model too, but
         # its readiness is not a worker's (the workers' markers count for REST readiness).

@@ -444,6 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--l2-regularization", type=float, default=defaults.l2_regularization, help="L2 penalty"
     )
+    parser.add_argument(
+        "--bootstrap-embedded",
+        action="store_true",
+        help="only if the embedded store has nothing at MODEL_URI: train the demo model into "
+        "it (what `python -m predictor` runs on its first start without MLFLOW_TRACKING_URI)",
+    )
     return parser
 
 
@@ -469,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
         settings = load_settings()
+        if args.bootstrap_embedded:
+            ensure_demo_model(settings)
+            return 0
         if config.rows < 100 or not 0 < config.fraud_rate < 1:
             raise InvalidDataset("--rows must be >= 100 and --fraud-rate between 0 and 1")
         train_and_register(config, *mlflow_destination(settings))

@@ -124,28 +124,89 @@ def wait_ready(url: str, name: str, timeout: float) -> float:
     return time.monotonic() - started
 
 
-def test_image_serves_the_demo_model_read_only_as_its_own_user(images, container):
-    """The README's `docker run --read-only --tmpfs /tmp`: the embedded default trains the
-    demo model into /tmp, then serves V1 and V2; the preStop command of the manifests
-    exists in the image."""
+MLFLOW_IMAGE = "ghcr.io/mlflow/mlflow:v3.17.2"
+
+
+@pytest.fixture
+def network(container) -> Iterator[str]:
+    """A podman network of its own, where containers reach each other by name."""
+    name = f"fraud-e2e-{free_port()}"
+    run("podman", "network", "create", name)
+    yield name
+    for member in list(container):  # containers first, then the network
+        run("podman", "rm", "-f", "-t", "5", member, check=False, timeout=60)
+    container.clear()
+    run("podman", "network", "rm", "-f", name, check=False)
+
+
+def test_image_serves_read_only_from_a_registry_reached_by_name(images, container, network):
+    """A real MLflow server on a network of its own, a trainer container registering the
+    model, and the serving image, read-only as its own user, loading it from
+    http://registry:5000 (not loopback: MLflow's host check must admit the name)."""
+    registry_name = f"registry-{network}"
+    container.append(registry_name)
+    run(
+        "podman", "run", "-d", "--name", registry_name, "--network", network,
+        "--network-alias", "registry", MLFLOW_IMAGE,
+        "mlflow", "server", "--host=0.0.0.0", "--port=5000", "--workers=1",
+        "--backend-store-uri=sqlite:////tmp/mlflow.db", "--artifacts-destination=/tmp/artifacts",
+        "--allowed-hosts=registry:*",
+    )  # fmt: skip
+    probe = (
+        "import urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:5000/api/2.0/mlflow/"
+        "experiments/search?max_results=1', headers={'Host': 'registry:5000'}), timeout=2)"
+    )
+    deadline = time.monotonic() + 120
+    while run("podman", "exec", registry_name, "python", "-c", probe, check=False).returncode:
+        assert time.monotonic() < deadline, "MLflow never answered"
+        time.sleep(1)
+    trained = run(
+        "podman", "run", "--rm", "--network", network, "--read-only", "--tmpfs", "/tmp",
+        "-e", "MLFLOW_TRACKING_URI=http://registry:5000", TRAINER_IMAGE,
+        "--rows", "5000", "--seed", "3", "--force", timeout=600,
+    )  # fmt: skip
+    assert "registered fraud-detector version 1" in trained.stdout + trained.stderr
+
     port = free_port()
-    name = f"fraud-predictor-readonly-{port}"
+    name = f"fraud-predictor-{port}"
     container.append(name)
     run(
-        "podman", "run", "-d", "--name", name, "--read-only", "--tmpfs", "/tmp",
-        "-p", f"127.0.0.1:{port}:8080", SERVING_IMAGE, "--enable_grpc=false",
+        "podman", "run", "-d", "--name", name, "--network", network, "--read-only",
+        "--tmpfs", "/tmp", "-p", f"127.0.0.1:{port}:8080",
+        "-e", "MLFLOW_TRACKING_URI=http://registry:5000", SERVING_IMAGE, "--enable_grpc=false",
     )  # fmt: skip
     ready = wait_ready(f"http://127.0.0.1:{port}", name, timeout=240)
-    report(f"{SERVING_IMAGE}: start -> ready {ready:.1f} s (read-only, embedded default)")
+    report(f"{SERVING_IMAGE}: start -> ready {ready:.1f} s (read-only, registry by name)")
     assert assert_scores_like_a_fraud_model(f"http://127.0.0.1:{port}") == "1"
-    identity = run("podman", "exec", name, "id", "-un").stdout.strip()
-    assert identity == "predictor"
-    assert run("podman", "exec", name, "sleep", "0", check=False).returncode == 0
+    explained = requests.post(
+        f"http://127.0.0.1:{port}/v1/models/fraud-detector:explain",
+        json={"instances": [SUSPICIOUS]},
+        timeout=30,
+    )
+    assert explained.status_code == 200, explained.text
+    assert run("podman", "exec", name, "id", "-un").stdout.strip() == "predictor"
+    assert run("podman", "exec", name, "sleep", "0", check=False).returncode == 0  # preStop
     health = run("podman", "healthcheck", "run", name, check=False)
     assert health.returncode == 0, health.stdout + health.stderr
-    # The root filesystem really is read-only for the server's user.
     touch = run("podman", "exec", name, "touch", "/opt/venv/x", check=False)
-    assert touch.returncode != 0
+    assert touch.returncode != 0  # the root filesystem really is read-only
+
+
+def test_serving_image_carries_no_training_libraries(images):
+    """No training, plots or MLflow server packages; without a registry it says what to do."""
+    probe = (
+        "import importlib.util as u; print([m for m in ('matplotlib', 'sqlalchemy', 'flask',"
+        " 'alembic', 'pyarrow', 'docker', 'graphene', 'gunicorn') if u.find_spec(m)])"
+    )
+    found = run("podman", "run", "--rm", "--entrypoint", "python", SERVING_IMAGE, "-c", probe)
+    assert found.stdout.strip() == "[]"
+    embedded = run(
+        "podman", "run", "--rm", "--read-only", "--tmpfs", "/tmp", SERVING_IMAGE, check=False
+    )
+    assert embedded.returncode == 2, embedded.stdout + embedded.stderr
+    assert "set MLFLOW_TRACKING_URI" in embedded.stderr
+    sizes = {image: size / 2**20 for image, size in images.items()}
+    report(f"image sizes (MiB): {sizes}")
 
 
 def compose(*args: str, timeout: float = 300, check: bool = True):

@@ -57,12 +57,20 @@ def test_image_runs_as_fixed_named_non_root_user_and_writes_only_tmp():
     runtime = stages["runtime"]
     assert re.search(r"^USER 10001:10001$", runtime, re.M)
     assert re.search(r"useradd .*--uid 10001 --gid 10001 --home-dir /tmp", runtime)
-    assert "uv sync --frozen --no-dev" in stages["build"]
     assert "UV_COMPILE_BYTECODE=1" in stages["build"]
-    for variable in ("HOME=/tmp", "LOCAL_STORE_DIR=/tmp/"):
-        assert variable in runtime
+    assert "HOME=/tmp" in runtime
     assert "org.opencontainers.image.revision" in runtime
-    assert "COPY --from=build /opt/venv /opt/venv" in runtime
+
+
+def test_serving_and_trainer_get_their_own_locked_venvs():
+    """The server's venv has no training libraries (no train extra); the trainer's has."""
+    stages = dockerfile_stages()
+    serving, trainer = stages["build-serving"], stages["build-trainer"]
+    assert "uv sync --frozen --no-dev --extra explain --no-editable" in serving
+    assert "--extra train" not in serving
+    assert "uv sync --frozen --no-dev --extra train --no-editable" in trainer
+    assert "COPY --from=build-serving /opt/venv /opt/venv" in stages["serving"]
+    assert "COPY --from=build-trainer /opt/venv /opt/venv" in stages["trainer"]
 
 
 def test_serving_is_the_default_target_and_the_trainer_has_no_server_healthcheck():

@@ -461,3 +461,18 @@ def test_bad_input_gets_4xx_naming_the_problem(served, case):
     # ... and the server keeps serving.
     ok = requests.post(v1_url(served), json={"instances": [GOOD]}, timeout=30)
     assert ok.status_code == 200
+
+
+def test_the_server_process_imports_no_training_code():
+    """Serving and training are separate installs: the serving modules (and the entry point)
+    must never import training, plots or the full mlflow server packages."""
+    probe = (
+        "import sys, predictor.__main__, predictor.server, predictor.lifecycle;"
+        "bad = [m for m in ('predictor.training', 'matplotlib', 'sqlalchemy', 'flask', 'shap')"
+        " if m in sys.modules]; print(bad)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

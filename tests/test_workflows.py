@@ -111,8 +111,9 @@ def test_the_smoke_tested_image_is_pushed_without_a_rebuild_and_pinned_by_digest
     assert "manifests/**" in workflow["on"]["push"]["paths-ignore"]  # no build loop on promote
     build = workflow["jobs"]["build"]["steps"]
     builds = [s for s in build if s.get("uses", "").startswith("docker/build-push-action")]
-    assert len(builds) == 1 and builds[0]["with"]["load"] is True
-    assert builds[0]["with"]["push"] is False
+    assert all(b["with"]["push"] is False and b["with"]["load"] is True for b in builds)
+    server = [b for b in builds if "steps.meta.outputs.tags" in b["with"]["tags"]]
+    assert len(server) == 1 and "target" not in server[0]["with"]  # the default target, once
     smoke = next(i for i, s in enumerate(build) if "smoke_test.py" in s.get("run", ""))
     push = next(i for i, s in enumerate(build) if "docker push" in s.get("run", ""))
     assert smoke < push
