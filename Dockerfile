@@ -16,14 +16,15 @@ WORKDIR /src
 COPY pyproject.toml uv.lock ./
 
 # The server's venv: serving dependencies (mlflow-skinny, no training libraries) and the
-# explain extra (reason codes).
+# explain extra (reason codes). The project itself is always rebuilt: uv's cache keys a
+# local project by its pyproject.toml, and would install a stale wheel of changed code.
 FROM build AS build-serving
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --extra explain --no-install-project
 COPY README.md ./
 COPY predictor ./predictor
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --extra explain --no-editable
+    uv sync --frozen --no-dev --extra explain --no-editable --reinstall-package fraud-predictor
 
 # The trainer's venv: the train extra (full mlflow, matplotlib).
 FROM build AS build-trainer
@@ -32,7 +33,7 @@ RUN --mount=type=cache,target=/root/.cache/uv \
 COPY README.md ./
 COPY predictor ./predictor
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --extra train --no-editable
+    uv sync --frozen --no-dev --extra train --no-editable --reinstall-package fraud-predictor
 
 # ---- runtime: slim Python, a named non-root user, nothing written but /tmp
 FROM python:3.11.14-slim-bookworm AS runtime

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+
 # Metrics storage is chosen when prometheus_client is first imported (by KServe too), and
 # native thread pools when numpy loads, so both are set up before anything else is imported.
-from predictor.runtime import pin_native_threads, prepare_run_dir
+from predictor.runtime import pin_native_threads, prepare_run_dir, wants_workers
 
 pin_native_threads()
-prepare_run_dir()
+if wants_workers(sys.argv[1:]):
+    prepare_run_dir()  # shared metrics and readiness across worker processes
 
 import argparse  # noqa: E402
-import sys  # noqa: E402
 
 from kserve import model_server  # noqa: E402
 

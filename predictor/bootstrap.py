@@ -10,6 +10,7 @@ the serving image does not have it and serves from a registry server instead.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import subprocess
@@ -30,16 +31,17 @@ def ensure_embedded_model(settings: Settings) -> None:
     """Train the demo model into the embedded store if MODEL_URI finds nothing there."""
     if not settings.uses_embedded_store:
         return
-    try:
-        from mlflow.exceptions import MlflowException
+    if importlib.util.find_spec("sqlalchemy") is None:  # mlflow-skinny: no local stores
+        raise BootstrapError(
+            "no MLFLOW_TRACKING_URI, and the embedded store needs the full mlflow package "
+            "(its sqlite backend): set MLFLOW_TRACKING_URI to an MLflow server, or install "
+            "fraud-predictor[train]"
+        )
+    from mlflow.exceptions import MlflowException
 
+    try:
         registry.resolve(registry.connect(settings.tracking_uri), settings.model_uri)
         return
-    except ImportError as error:
-        raise BootstrapError(
-            f"the embedded store needs the full mlflow package ({error}): install "
-            "fraud-predictor[train], or set MLFLOW_TRACKING_URI to an MLflow server"
-        ) from None
     except MlflowException as error:
         if not registry.is_missing(error):
             raise BootstrapError(f"the embedded store cannot be read: {error}") from None

@@ -1,9 +1,9 @@
 """Prometheus metrics, correct across `--workers N`.
 
-`python -m predictor` points PROMETHEUS_MULTIPROC_DIR at a fresh directory before
-prometheus-client is imported, so every worker writes its samples there and one scrape of
-`/metrics` (any worker) reports the sum over all workers, KServe's own latency histograms
-included. Without that variable (e.g. in-process use) the metrics are per process.
+With `--workers N`, `python -m predictor` points PROMETHEUS_MULTIPROC_DIR at a fresh
+directory before prometheus-client is imported, so every worker writes its samples there and
+one scrape of `/metrics` (any worker) reports the sum over all workers, KServe's own latency
+histograms included. A single worker keeps its metrics in memory.
 """
 
 from __future__ import annotations

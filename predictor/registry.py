@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from predictor.features import FEATURE_NAMES
 from predictor.schema import shown
+from predictor.settings import ALIAS_URI, RUN_URI, VERSION_URI
 
 logger = logging.getLogger("predictor.registry")
 
@@ -37,9 +37,6 @@ TRUSTED_TYPES: list[str] = [
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
     "sklearn.utils.validation.check_array",
 ]
-_ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
-_VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
-_RUN_URI = re.compile(r"^runs:/(?P<run_id>[0-9a-zA-Z]+)/(?P<path>.+)$")
 
 
 class ModelLoadError(Exception):
@@ -100,19 +97,19 @@ def is_missing(error: MlflowException) -> bool:
 
 def alias_of(model_uri: str) -> tuple[str, str] | None:
     """(name, alias) for a `models:/<name>@<alias>` URI, else None."""
-    match = _ALIAS_URI.match(model_uri)
+    match = ALIAS_URI.match(model_uri)
     return (match["name"], match["alias"]) if match else None
 
 
 def resolve(client: MlflowClient, model_uri: str) -> ModelRef:
     """Pin a model URI to one registered version (or run) with its decision threshold."""
-    if match := _ALIAS_URI.match(model_uri):
+    if match := ALIAS_URI.match(model_uri):
         version = client.get_model_version_by_alias(match["name"], match["alias"])
         return _version_ref(model_uri, version, alias=match["alias"])
-    if match := _VERSION_URI.match(model_uri):
+    if match := VERSION_URI.match(model_uri):
         version = client.get_model_version(match["name"], match["version"])
         return _version_ref(model_uri, version, alias=None)
-    if match := _RUN_URI.match(model_uri):
+    if match := RUN_URI.match(model_uri):
         run = client.get_run(match["run_id"])
         threshold = run.data.params.get(THRESHOLD_TAG)
         return ModelRef(

@@ -1,4 +1,5 @@
-"""Per-run scratch directory shared by the server's worker processes (under /tmp).
+"""Per-run scratch directory shared by the server's worker processes (under /tmp), made
+only when `--workers` asks for more than one.
 
 * `metrics/`: prometheus-client's multiprocess samples, so one scrape sums all workers;
 * `ready/`: one marker per worker process whose model is loaded, so server readiness
@@ -9,6 +10,7 @@ Kept free of any prometheus_client import: `prepare_run_dir` must run before it.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import tempfile
@@ -28,6 +30,21 @@ def pin_native_threads() -> None:
     """Must run before numpy/scikit-learn are imported."""
     for variable in NATIVE_THREAD_VARIABLES:
         os.environ.setdefault(variable, "1")
+
+
+def wants_workers(argv: list[str]) -> bool:
+    """Whether the command line asks for more than one worker process (`--workers N`).
+
+    Read before anything is imported: only then does the process need the shared run
+    directory; a single worker keeps its metrics in memory (cheaper on every observation).
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--workers", type=int, default=1)
+    try:
+        known, _ = parser.parse_known_args(argv)
+    except SystemExit:  # a malformed value: KServe's own parser will say so
+        return False
+    return known.workers > 1
 
 
 def prepare_run_dir() -> None:

@@ -6,7 +6,7 @@ never be learned from, and the error messages name the field and the broken rule
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any
 
 from pydantic import (
@@ -143,17 +143,24 @@ def instance_location(loc: tuple[int | str, ...]) -> str:
     return where
 
 
-def format_validation_error(
-    error: ValidationError, locate: Locate = instance_location, max_errors: int = 5
+def error_message(item: Mapping[str, Any]) -> str:
+    """pydantic's message for one error, without its "Value error, " prefix."""
+    return str(item.get("msg", "")).removeprefix("Value error, ")
+
+
+def describe_errors(
+    items: Sequence[Mapping[str, Any]], locate: Locate = instance_location, max_errors: int = 5
 ) -> str:
-    """Turn pydantic's errors into one line like ``instances[3].amount: must be > 0``."""
+    """pydantic (or FastAPI) errors as one line like ``instances[3].amount: must be > 0``:
+    the first `max_errors`, and how many more there were."""
     parts = []
-    for item in error.errors(include_url=False)[:max_errors]:
-        message = item["msg"].removeprefix("Value error, ")
-        parts.append(f"{locate(item['loc'])}: {message}")
-    more = error.error_count() - max_errors
-    if more > 0:
-        parts.append(f"... and {more} more")
+    for item in items[:max_errors]:
+        if item.get("type") == "json_invalid":
+            parts.append(f"request body is not valid JSON ({item.get('msg')})")
+        else:
+            parts.append(f"{locate(tuple(item.get('loc', ())))}: {error_message(item)}")
+    if len(items) > max_errors:
+        parts.append(f"... and {len(items) - max_errors} more")
     return "; ".join(parts)
 
 
@@ -164,4 +171,6 @@ def validate_transactions(
     try:
         return _BATCH.validate_python(rows)
     except ValidationError as error:
-        raise InvalidTransactions(format_validation_error(error, locate)) from None
+        raise InvalidTransactions(
+            describe_errors(error.errors(include_url=False), locate)
+        ) from None

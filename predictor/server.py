@@ -42,7 +42,7 @@ from predictor.binary_extension import check_binary_request
 from predictor.grpc_server import FraudGRPCServer
 from predictor.logs import configure_logging, quiet_kserve_logging
 from predictor.model import INLINE_MAX_BODY_BYTES, FraudModel
-from predictor.schema import shown, shown_list
+from predictor.schema import describe_errors, shown, shown_list
 from predictor.settings import Settings
 
 
@@ -154,21 +154,16 @@ async def metrics_endpoint(_: Request) -> Response:
     return Response(content=body, media_type=content_type)
 
 
-def describe_errors(errors: list[dict[str, Any]]) -> str:
-    """pydantic/FastAPI error items as one line: ``inputs.0.datatype: Field required``."""
-    parts = []
-    for item in errors[:5]:
-        loc = [str(key) for key in item.get("loc", ()) if key != "body"]
-        if item.get("type") == "json_invalid":
-            parts.append(f"request body is not valid JSON ({item.get('msg')})")
-        else:
-            parts.append(f"{'.'.join(loc) or 'body'}: {item.get('msg')}")
-    return "; ".join(parts)
+def body_location(loc: tuple[int | str, ...]) -> str:
+    """``inputs.0.datatype`` for FastAPI's ``("body", "inputs", 0, "datatype")``."""
+    return ".".join(str(key) for key in loc if key != "body") or "body"
 
 
 async def request_validation_handler(_: Request, error: RequestValidationError) -> JSONResponse:
     """A malformed body is the client's error: 400 naming the field, like InvalidInput."""
-    return JSONResponse(status_code=400, content={"error": describe_errors(error.errors())})
+    return JSONResponse(
+        status_code=400, content={"error": describe_errors(error.errors(), body_location)}
+    )
 
 
 def v2_infer_endpoint(dataplane: FraudDataPlane):
@@ -226,7 +221,9 @@ def parse_v2_json(body: bytes) -> InferenceRequest:
     try:
         return InferenceRequest.model_validate(parsed)
     except ValidationError as error:
-        raise InvalidInput(describe_errors(error.errors(include_url=False))) from None
+        raise InvalidInput(
+            describe_errors(error.errors(include_url=False), body_location)
+        ) from None
 
 
 #: What KServe's and cloudevents' decoders raise on malformed input (never on our own bugs:

@@ -9,9 +9,15 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from predictor.schema import error_message
+
 DEFAULT_MODEL_NAME = "fraud-detector"
 DEFAULT_ALIAS = "champion"
-MODEL_URI_PATTERN = re.compile(r"^(models:/[^/@]+(@[^/@]+|/\d+)|runs:/[0-9a-zA-Z]+/.+)$")
+#: The model URI grammar, in one place: an alias, a version or a run's artifact path.
+ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
+VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
+RUN_URI = re.compile(r"^runs:/(?P<run_id>[0-9a-zA-Z]+)/(?P<path>.+)$")
+MODEL_URIS = (ALIAS_URI, VERSION_URI, RUN_URI)
 
 
 class Settings(BaseSettings):
@@ -43,7 +49,7 @@ class Settings(BaseSettings):
     @field_validator("model_uri")
     @classmethod
     def _model_uri_shape(cls, value: str) -> str:
-        if not MODEL_URI_PATTERN.match(value):
+        if not any(grammar.match(value) for grammar in MODEL_URIS):
             raise ValueError(
                 "must look like models:/<name>@<alias>, models:/<name>/<version> "
                 "or runs:/<run_id>/<path>"
@@ -81,7 +87,6 @@ def load_settings() -> Settings:
     except ValidationError as error:
         first = error.errors(include_url=False)[0]
         variable = str(first["loc"][0]).upper() if first["loc"] else "configuration"
-        message = first["msg"].removeprefix("Value error, ")
         raise ConfigurationError(
-            f"invalid configuration: {variable}={first.get('input')!r}: {message}"
+            f"invalid configuration: {variable}={first.get('input')!r}: {error_message(first)}"
         ) from None

@@ -517,6 +517,7 @@ def test_every_error_is_counted_by_protocol_and_status(server, stub):
     text = requests.get(f"{server.url}/metrics", timeout=10).text
     assert 'fraud_request_duration_seconds_count{protocol="grpc"}' in text
     assert 'fraud_request_duration_seconds_count{protocol="http"}' in text
+    assert "fraud_request_rows_created" in text  # one worker: metrics in memory
     assert grew(("http", "404")) == 1
     assert grew(("grpc", "NOT_FOUND")) == 1
     assert grew(("grpc", "INVALID_ARGUMENT")) == 2

@@ -67,6 +67,7 @@ def test_serving_and_trainer_get_their_own_locked_venvs():
     stages = dockerfile_stages()
     serving, trainer = stages["build-serving"], stages["build-trainer"]
     assert "uv sync --frozen --no-dev --extra explain --no-editable" in serving
+    assert serving.count("--reinstall-package fraud-predictor") == 1  # never a stale wheel
     assert "--extra train" not in serving
     assert "uv sync --frozen --no-dev --extra train --no-editable" in trainer
     assert "COPY --from=build-serving /opt/venv /opt/venv" in stages["serving"]
