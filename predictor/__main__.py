@@ -13,12 +13,13 @@ if wants_workers(sys.argv[1:]):
     prepare_run_dir()  # shared metrics and readiness across worker processes
 
 import argparse  # noqa: E402
+import logging.config  # noqa: E402
 
 from kserve import model_server  # noqa: E402
 
 from predictor import registry  # noqa: E402
 from predictor.bootstrap import BootstrapError, ensure_embedded_model  # noqa: E402
-from predictor.logs import configure_logging  # noqa: E402
+from predictor.logs import configure_logging, json_log_config  # noqa: E402
 from predictor.model import FraudModel  # noqa: E402
 from predictor.runtime import remove_run_dir  # noqa: E402
 from predictor.server import build_server  # noqa: E402
@@ -51,6 +52,12 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format)
+    if settings.log_format == "json":
+        # Every logger of every process, KServe's and uvicorn's too (KServe reconfigures
+        # logging from this in the server and in each worker).
+        model_server.args.log_config_file = json_log_config()
+        logging.config.dictConfig(model_server.args.log_config_file)
+        logging.captureWarnings(True)
     try:
         ensure_embedded_model(settings)  # before the server starts, and before its workers
     except BootstrapError as error:

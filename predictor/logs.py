@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from datetime import UTC, datetime
@@ -76,6 +77,20 @@ def quiet_kserve_logging(access_log: bool = False) -> None:
     kserve = logging.getLogger("kserve")
     if not any(isinstance(f, ClientErrorsInOneLine) for f in kserve.filters):
         kserve.addFilter(ClientErrorsInOneLine())
+
+
+def json_log_config() -> dict:
+    """KServe's logging configuration (its loggers, uvicorn's, levels, streams) with every
+    formatter writing JSON, and the root logger too, so with LOG_FORMAT=json every line of
+    the process parses, library lines and warnings included. KServe applies it in each
+    worker process (`--log_config_file` accepts a dict)."""
+    from kserve.logging import KSERVE_LOG_CONFIG
+
+    config = copy.deepcopy(KSERVE_LOG_CONFIG)
+    for name in config["formatters"]:
+        config["formatters"][name] = {"()": JsonFormatter}
+    config["root"] = {"handlers": ["kserve"], "level": "INFO"}
+    return config
 
 
 def configure_logging(log_format: str = "text") -> None:

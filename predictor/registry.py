@@ -77,6 +77,8 @@ def configure_client(timeout_seconds: float) -> None:
     """
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, round(timeout_seconds)))
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    # A progress bar per download is noise in a server's log (and not a log line at all).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
 
 

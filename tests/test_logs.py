@@ -3,6 +3,7 @@
 import json
 import logging
 
+import requests
 from kserve.errors import InvalidInput
 
 from predictor.logs import ClientErrorsInOneLine, DropTimings, JsonFormatter, configure_logging
@@ -59,3 +60,23 @@ def test_client_text_in_an_error_cannot_forge_or_flood_a_line():
     assert "\n" not in line and "\x1b" not in line
     assert "a\\x0a2026-11-27 ERROR forged line\\x1b[31m" in line
     assert len(line) < 600
+
+
+def test_every_line_of_a_serving_process_is_json_with_log_format_json(
+    start_predictor, mlflow_server, champion
+):
+    """KServe's, uvicorn's (access log on), MLflow's and the server's own lines alike."""
+    predictor = start_predictor(
+        env={"MLFLOW_TRACKING_URI": mlflow_server.url, "LOG_FORMAT": "json", "ACCESS_LOG": "true"}
+    )
+    url = f"{predictor.url}/v1/models/fraud-detector:predict"
+    row = [42.0, "2026-11-26T14:02:00+01:00", "grocery", True, 2.5, 1, 41, 2400]
+    assert requests.post(url, json={"instances": [row]}, timeout=10).status_code == 200
+    assert requests.post(url, json={"instances": []}, timeout=10).status_code == 400
+    assert requests.post(url.replace("fraud-detector", "nope"), json={}).status_code == 404
+    predictor.stop()
+    lines = [line for line in predictor.log().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]  # raises on the first line that is not
+    loggers = {entry["logger"] for entry in entries}
+    assert {"predictor.model", "uvicorn.access", "kserve"} <= loggers, loggers
+    assert any("model loaded" in entry["message"] for entry in entries)
