@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONTAINERS_DIR=${CONTAINERS_DIR:-$(cd .. && pwd)/shared/containers}
-[ -x "$CONTAINERS_DIR/setup.sh" ] || { echo "error: $CONTAINERS_DIR/setup.sh not found (set CONTAINERS_DIR)" >&2; exit 2; }
+[ -f "$CONTAINERS_DIR/setup.sh" ] || { echo "error: $CONTAINERS_DIR/setup.sh not found (set CONTAINERS_DIR)" >&2; exit 2; }
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
 started=$SECONDS
 
@@ -20,8 +20,8 @@ if ! command -v iptables >/dev/null 2>&1; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iptables >/dev/null
 fi
-$SUDO "$CONTAINERS_DIR/setup.sh"
-$SUDO "$CONTAINERS_DIR/stand-ins.sh"
+$SUDO bash "$CONTAINERS_DIR/setup.sh"
+$SUDO bash "$CONTAINERS_DIR/stand-ins.sh"
 echo "[container_tests] podman and stand-ins ready in $((SECONDS - started)) s"
 
 export BUILDAH_FORMAT=docker COMPOSE_UP="$CONTAINERS_DIR/compose-up.sh"
