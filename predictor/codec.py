@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -45,6 +45,27 @@ V2_INPUTS: dict[str, str] = {
 V2_OUTPUTS: dict[str, str] = {"fraud_probability": "FP64", "is_fraud": "BOOL"}
 assert tuple(V2_INPUTS) == FIELD_ORDER
 _FIELDS = frozenset(FIELD_ORDER)
+
+
+def v2_request_body(
+    transactions: Sequence[Mapping[str, Any]], request_id: str | None = None
+) -> dict[str, Any]:
+    """The V2 JSON body a client sends for `transactions`: one tensor per field, shape [n]
+    (what decode_v2 reads; the benchmark, the load test and the tests build it here)."""
+    body: dict[str, Any] = {
+        "inputs": [
+            {
+                "name": name,
+                "datatype": datatype,
+                "shape": [len(transactions)],
+                "data": [transaction[name] for transaction in transactions],
+            }
+            for name, datatype in V2_INPUTS.items()
+        ]
+    }
+    if request_id is not None:
+        body["id"] = request_id
+    return body
 
 
 def tensor_metadata(tensors: dict[str, str]) -> list[dict[str, Any]]:

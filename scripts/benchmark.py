@@ -35,8 +35,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from processes import (
+    MLFLOW_SERVER_ENV,
+    free_port,
+    mlflow_server_command,
+    stop_group,
+    wait_until_ready,
+)
 
-from predictor.codec import V2_INPUTS
+from predictor.codec import v2_request_body
 from predictor.data import generate_transactions, transaction_payloads
 from predictor.features import FEATURE_NAMES, build_features
 from predictor.schema import validate_transactions
@@ -76,16 +83,7 @@ def body_for(protocol: str, transactions: list[dict]) -> bytes:
     if protocol in ("v1", "explain"):
         return json.dumps({"instances": transactions}).encode()
     if protocol == "v2":
-        inputs = [
-            {
-                "name": name,
-                "datatype": dtype,
-                "shape": [len(transactions)],
-                "data": [txn[name] for txn in transactions],
-            }
-            for name, dtype in V2_INPUTS.items()
-        ]
-        return json.dumps({"inputs": inputs}).encode()
+        return json.dumps(v2_request_body(transactions)).encode()
     features = build_features(validate_transactions(transactions))
     return json.dumps(
         {"dataframe_split": {"columns": list(FEATURE_NAMES), "data": features.tolist()}}
@@ -206,30 +204,9 @@ def table(results: list[Result]) -> str:
 # ------------------------------------------------------------------ processes of a full run
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 180) -> float:
     """Seconds until `url` answers 200 (polled every 20 ms)."""
-    started = time.perf_counter()
-    parsed = urllib.parse.urlsplit(url)
-    while time.perf_counter() - started < timeout:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[:4]} exited with {process.returncode}")
-        try:
-            connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=2)
-            connection.request("GET", parsed.path)
-            if connection.getresponse().status == 200:
-                return time.perf_counter() - started
-        except OSError:
-            pass
-        time.sleep(0.02)
-    raise TimeoutError(f"{url} not ready in {timeout} s")
+    return wait_until_ready(url, timeout, process)
 
 
 class Stack:
@@ -253,15 +230,7 @@ class Stack:
         return process
 
     def stop(self, process: subprocess.Popen) -> None:
-        import signal
-
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(30)
+        stop_group(process)
 
     def close(self) -> None:
         for process in reversed(self.processes):
@@ -306,24 +275,7 @@ def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
     try:
         port = free_port()
         mlflow_server = stack.start(
-            "mlflow-server",
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--backend-store-uri",
-                f"sqlite:///{stack.workdir / 'mlflow.db'}",
-                "--artifacts-destination",
-                str(stack.workdir / "artifacts"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-            ],
-            {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            "mlflow-server", mlflow_server_command(stack.workdir, port), MLFLOW_SERVER_ENV
         )
         tracking_uri = f"http://127.0.0.1:{port}"
         wait_ready(f"{tracking_uri}/health", mlflow_server)

@@ -17,7 +17,7 @@ import random
 
 from locust import FastHttpUser, between, task
 
-from predictor.codec import V2_INPUTS
+from predictor.codec import v2_request_body
 from predictor.data import generate_transactions, transaction_payloads
 
 MODEL = "fraud-detector"
@@ -77,14 +77,11 @@ class V2User(FastHttpUser):
     @task
     def infer(self) -> None:
         rows = batch(self.rng)
-        body = {
-            "inputs": [
-                {"name": n, "datatype": t, "shape": [len(rows)], "data": [r[n] for r in rows]}
-                for n, t in V2_INPUTS.items()
-            ]
-        }
         with self.client.post(
-            f"/v2/models/{MODEL}/infer", json=body, name="v2 infer", catch_response=True
+            f"/v2/models/{MODEL}/infer",
+            json=v2_request_body(rows),
+            name="v2 infer",
+            catch_response=True,
         ) as response:
             if response.status_code != 200:
                 response.failure(f"status {response.status_code}: {response.text[:200]}")

@@ -7,39 +7,27 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
+from processes import (
+    MLFLOW_SERVER_ENV,
+    free_port,
+    mlflow_server_command,
+    stop_group,
+    wait_until_ready,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small but learnable: fast to fit, enough fraud rows for stable metrics.
 TEST_ROWS = 20_000
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_for(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
     """Poll `url` until it answers 200, the process dies, or `timeout` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} before {url} was up")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready after {timeout} s")
+    wait_until_ready(url, timeout, process, interval=0.2)
 
 
 def stop(process: subprocess.Popen, timeout: float = 20) -> None:
@@ -65,12 +53,7 @@ class MlflowServer:
         self.process.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_group(self.process, timeout=20)
 
 
 def start_mlflow_server(
@@ -79,28 +62,11 @@ def start_mlflow_server(
     """`mlflow server` with a sqlite backend and proxied artifacts, in `workdir`."""
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = open(workdir / "mlflow-server.log", "ab")  # noqa: SIM115 - lives with the process
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{workdir / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(workdir / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            *(extra_args or []),
-        ],
+        mlflow_server_command(workdir, port, extra_args),
         cwd=workdir,
-        env=env,
+        env={**os.environ, **MLFLOW_SERVER_ENV},
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group, so its workers die with it

@@ -21,6 +21,9 @@ import requests
 from mlflow import MlflowClient
 from support import free_port, wait_for
 
+from predictor.codec import v2_request_body
+from predictor.schema import FIELD_ORDER
+
 pytestmark = pytest.mark.containers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,22 +74,7 @@ def predict_v1(url: str, rows: list[list]) -> dict:
 
 
 def predict_v2(url: str, row: list) -> dict:
-    names = [
-        ("amount", "FP64"),
-        ("timestamp", "BYTES"),
-        ("merchant_category", "BYTES"),
-        ("card_present", "BOOL"),
-        ("distance_from_home_km", "FP64"),
-        ("transactions_last_24h", "INT64"),
-        ("customer_age", "INT64"),
-        ("account_age_days", "INT64"),
-    ]
-    body = {
-        "inputs": [
-            {"name": name, "datatype": dtype, "shape": [1], "data": [value]}
-            for (name, dtype), value in zip(names, row, strict=True)
-        ]
-    }
+    body = v2_request_body([dict(zip(FIELD_ORDER, row, strict=True))])
     response = requests.post(f"{url}/v2/models/fraud-detector/infer", json=body, timeout=30)
     assert response.status_code == 200, response.text
     return response.json()

@@ -22,7 +22,7 @@ from kserve import (
 from support import free_port
 
 from predictor import registry
-from predictor.codec import V2_INPUTS
+from predictor.codec import V2_INPUTS, v2_request_body
 from predictor.features import FEATURE_NAMES, build_features, feature_frame
 from predictor.model import FraudModel
 from predictor.schema import FIELD_ORDER, validate_transactions
@@ -40,20 +40,7 @@ def v2_url(predictor, model: str = MODEL) -> str:
 
 
 def v2_body(transactions: list[dict], request_id: str | None = None) -> dict:
-    body: dict = {
-        "inputs": [
-            {
-                "name": name,
-                "datatype": dtype,
-                "shape": [len(transactions)],
-                "data": [txn[name] for txn in transactions],
-            }
-            for name, dtype in V2_INPUTS.items()
-        ]
-    }
-    if request_id:
-        body["id"] = request_id
-    return body
+    return v2_request_body(transactions, request_id)
 
 
 def registered_models_own_probabilities(mlflow_url: str, transactions: list[dict]) -> np.ndarray:
