@@ -39,6 +39,18 @@ def sane(probabilities: list, decisions: list, rows: int) -> bool:
     )
 
 
+def post_checked(user: FastHttpUser, path: str, body: dict, name: str, check) -> None:
+    """POST `body`; a non-200 answer, or one `check(answer)` finds wrong (it returns why),
+    counts as a failure."""
+    with user.client.post(path, json=body, name=name, catch_response=True) as response:
+        if response.status_code != 200:
+            response.failure(f"status {response.status_code}: {response.text[:200]}")
+            return
+        problem = check(response.json())
+        if problem:
+            response.failure(f"{problem}: {response.text[:200]}")
+
+
 class V1User(FastHttpUser):
     """Scores batches with the KServe V1 protocol."""
 
@@ -50,20 +62,14 @@ class V1User(FastHttpUser):
     @task
     def predict(self) -> None:
         rows = batch(self.rng)
-        with self.client.post(
-            f"/v1/models/{MODEL}:predict",
-            json={"instances": rows},
-            name="v1 predict",
-            catch_response=True,
-        ) as response:
-            if response.status_code != 200:
-                response.failure(f"status {response.status_code}: {response.text[:200]}")
-                return
-            predictions = response.json().get("predictions", [])
+
+        def check(answer: dict) -> str | None:
+            predictions = answer.get("predictions", [])
             probabilities = [p.get("fraud_probability") for p in predictions]
             decisions = [p.get("is_fraud") for p in predictions]
-            if not sane(probabilities, decisions, len(rows)):
-                response.failure(f"wrong answer: {response.text[:200]}")
+            return None if sane(probabilities, decisions, len(rows)) else "wrong answer"
+
+        post_checked(self, f"/v1/models/{MODEL}:predict", {"instances": rows}, "v1 predict", check)
 
 
 class V2User(FastHttpUser):
@@ -77,48 +83,35 @@ class V2User(FastHttpUser):
     @task
     def infer(self) -> None:
         rows = batch(self.rng)
-        with self.client.post(
-            f"/v2/models/{MODEL}/infer",
-            json=v2_request_body(rows),
-            name="v2 infer",
-            catch_response=True,
-        ) as response:
-            if response.status_code != 200:
-                response.failure(f"status {response.status_code}: {response.text[:200]}")
-                return
-            outputs = {o["name"]: o["data"] for o in response.json().get("outputs", [])}
-            if not sane(
-                outputs.get("fraud_probability", []), outputs.get("is_fraud", []), len(rows)
-            ):
-                response.failure(f"wrong answer: {response.text[:200]}")
+
+        def check(answer: dict) -> str | None:
+            outputs = {o["name"]: o["data"] for o in answer.get("outputs", [])}
+            probabilities = outputs.get("fraud_probability", [])
+            ok = sane(probabilities, outputs.get("is_fraud", []), len(rows))
+            return None if ok else "wrong answer"
+
+        post_checked(self, f"/v2/models/{MODEL}/infer", v2_request_body(rows), "v2 infer", check)
 
 
 class ExplainUser(FastHttpUser):
     """Asks for reason codes, as an analyst's tool does: fewer, single-transaction calls."""
 
     wait_time = between(0.0, 0.05)
-    weight = 1
 
     def on_start(self) -> None:
         self.rng = random.Random(id(self) + 2)
 
     @task
     def explain(self) -> None:
-        rows = batch(self.rng)[:1]
-        with self.client.post(
-            f"/v1/models/{MODEL}:explain",
-            json={"instances": rows},
-            name="v1 explain",
-            catch_response=True,
-        ) as response:
-            if response.status_code != 200:
-                response.failure(f"status {response.status_code}: {response.text[:200]}")
-                return
-            (explanation,) = response.json().get("explanations", [None])
+        def check(answer: dict) -> str | None:
+            (explanation,) = answer.get("explanations", [None])
             probability = explanation["fraud_probability"]
             logit = explanation["base_value"] + sum(explanation["contributions"].values())
-            if (
-                not 0.0 < probability < 1.0
-                or abs(logit - math.log(probability / (1 - probability))) > 1e-6
-            ):
-                response.failure(f"contributions do not add up: {response.text[:200]}")
+            if not 0.0 < probability < 1.0:
+                return "probability out of range"
+            if abs(logit - math.log(probability / (1 - probability))) > 1e-6:
+                return "contributions do not add up"
+            return None
+
+        rows = batch(self.rng)[:1]
+        post_checked(self, f"/v1/models/{MODEL}:explain", {"instances": rows}, "v1 explain", check)

@@ -24,6 +24,44 @@ ROOT = Path(__file__).resolve().parents[1]
 # Small but learnable: fast to fit, enough fraud rows for stable metrics.
 TEST_ROWS = 20_000
 
+#: A grocery purchase near home: every model scores it low.
+ORDINARY = {
+    "amount": 42.0,
+    "timestamp": "2026-11-26T14:02:00+01:00",
+    "merchant_category": "grocery",
+    "card_present": True,
+    "distance_from_home_km": 2.5,
+    "transactions_last_24h": 1,
+    "customer_age": 41,
+    "account_age_days": 2400,
+}
+#: Night, card absent, far from home, a burst on a 12-day-old account: scored high.
+SUSPICIOUS = {
+    "amount": 912.5,
+    "timestamp": "2026-11-26T03:14:00+00:00",
+    "merchant_category": "electronics",
+    "card_present": False,
+    "distance_from_home_km": 420.0,
+    "transactions_last_24h": 9,
+    "customer_age": 23,
+    "account_age_days": 12,
+}
+
+
+def as_row(transaction: dict) -> list:
+    """The transaction as a V1 list row, in the schema's field order."""
+    from predictor.schema import FIELD_ORDER
+
+    return [transaction[field] for field in FIELD_ORDER]
+
+
+def register_quick_model(tracking_uri: str, name: str, seed: int, alias: str = "live"):
+    """A small model registered as `name@alias` (alias moved): for reload and trust tests."""
+    from predictor.training import TrainingConfig, train_and_register
+
+    config = TrainingConfig(rows=3_000, seed=seed, model_name=name, alias=alias, force=True)
+    return train_and_register(config, tracking_uri, log=lambda _: None)
+
 
 def wait_for(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
     """Poll `url` until it answers 200, the process dies, or `timeout` passes."""

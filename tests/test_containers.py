@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 from mlflow import MlflowClient
-from support import free_port, wait_for
+from support import ORDINARY, SUSPICIOUS, as_row, free_port, wait_for
 
 from predictor.codec import v2_request_body
 from predictor.schema import FIELD_ORDER
@@ -29,8 +29,8 @@ pytestmark = pytest.mark.containers
 ROOT = Path(__file__).resolve().parents[1]
 SERVING_IMAGE = "fraud-predictor:local"
 TRAINER_IMAGE = "fraud-predictor-trainer:local"
-SUSPICIOUS = [912.5, "2026-11-26T03:14:00+00:00", "electronics", False, 420.0, 9, 23, 12]
-ORDINARY = [42.0, "2026-11-26T14:02:00+01:00", "grocery", True, 2.5, 1, 41, 2400]
+SUSPICIOUS_ROW = as_row(SUSPICIOUS)
+ORDINARY_ROW = as_row(ORDINARY)
 COMPOSE_MLFLOW = "http://127.0.0.1:5000"
 COMPOSE_PREDICTOR = "http://127.0.0.1:8080"
 
@@ -82,10 +82,10 @@ def predict_v2(url: str, row: list) -> dict:
 
 def assert_scores_like_a_fraud_model(url: str) -> str:
     """V1 and V2 agree, and the suspicious transaction scores far above the ordinary one."""
-    v1 = predict_v1(url, [SUSPICIOUS, ORDINARY])
+    v1 = predict_v1(url, [SUSPICIOUS_ROW, ORDINARY_ROW])
     suspicious, ordinary = (p["fraud_probability"] for p in v1["predictions"])
     assert suspicious > 0.5 > ordinary, v1
-    v2 = predict_v2(url, SUSPICIOUS)
+    v2 = predict_v2(url, SUSPICIOUS_ROW)
     outputs = {output["name"]: output["data"] for output in v2["outputs"]}
     assert outputs["fraud_probability"] == [suspicious]
     assert outputs["is_fraud"] == [v1["predictions"][0]["is_fraud"]]
@@ -168,7 +168,7 @@ def test_image_serves_read_only_from_a_registry_reached_by_name(images, containe
     assert assert_scores_like_a_fraud_model(f"http://127.0.0.1:{port}") == "1"
     explained = requests.post(
         f"http://127.0.0.1:{port}/v1/models/fraud-detector:explain",
-        json={"instances": [SUSPICIOUS]},
+        json={"instances": [SUSPICIOUS_ROW]},
         timeout=30,
     )
     assert explained.status_code == 200, explained.text
@@ -246,7 +246,7 @@ def test_compose_trains_registers_and_serves_then_follows_a_retrain_from_the_hos
     served = "1"
     while served != "2" and time.monotonic() < deadline:
         time.sleep(2)
-        served = predict_v1(COMPOSE_PREDICTOR, [ORDINARY])["model_version"]
+        served = predict_v1(COMPOSE_PREDICTOR, [ORDINARY_ROW])["model_version"]
     assert served == "2"
     assert assert_scores_like_a_fraud_model(COMPOSE_PREDICTOR) == "2"
     metadata = requests.get(f"{COMPOSE_PREDICTOR}/v2/models/fraud-detector", timeout=10).json()

@@ -14,6 +14,7 @@ import requests
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from support import SUSPICIOUS, register_quick_model
 from test_serving import BAD_INPUTS, V1
 
 from predictor import registry
@@ -22,19 +23,8 @@ from predictor.features import build_features
 from predictor.model import Batch, FraudModel
 from predictor.schema import FIELD_ORDER, validate_transactions
 from predictor.settings import Settings
-from predictor.training import TrainingConfig, train_and_register
 
 MODEL = "fraud-detector"
-SUSPICIOUS = {
-    "amount": 912.5,
-    "timestamp": "2026-11-26T03:14:00+00:00",
-    "merchant_category": "electronics",
-    "card_present": False,
-    "distance_from_home_km": 420.0,
-    "transactions_last_24h": 9,
-    "customer_age": 23,
-    "account_age_days": 12,
-}
 #: The generator's fraud patterns (predictor/data.py) and the client fields they live in.
 RISKY_FIELDS = {
     "timestamp",
@@ -148,11 +138,7 @@ def test_explain_has_its_own_lower_row_limit_and_counts_what_it_explains(served)
 
 def test_a_hot_reload_changes_the_explanations_version_with_it(start_predictor, mlflow_server):
     name = "fraud-explain-reload"
-    first = train_and_register(
-        TrainingConfig(rows=3_000, seed=8, model_name=name, alias="live", force=True),
-        mlflow_server.url,
-        log=lambda _: None,
-    )
+    first = register_quick_model(mlflow_server.url, name, seed=8)
     predictor = start_predictor(
         env={
             "MLFLOW_TRACKING_URI": mlflow_server.url,
@@ -162,11 +148,7 @@ def test_a_hot_reload_changes_the_explanations_version_with_it(start_predictor, 
     )
     before = explained(predictor.url, [SUSPICIOUS])
     assert before["model_version"] == first.version
-    second = train_and_register(
-        TrainingConfig(rows=3_000, seed=9, model_name=name, alias="live", force=True),
-        mlflow_server.url,
-        log=lambda _: None,
-    )
+    second = register_quick_model(mlflow_server.url, name, seed=9)
     deadline = time.monotonic() + 60
     after = before
     while after["model_version"] != second.version and time.monotonic() < deadline:

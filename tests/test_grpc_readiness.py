@@ -10,11 +10,10 @@ import grpc
 import requests
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
-from support import free_port, wait_for
+from support import free_port, register_quick_model, wait_for
 from test_hostile_input import GOOD, grpc_request
 
 from predictor import registry
-from predictor.training import TrainingConfig, train_and_register
 
 
 def grpc_version(stub: GRPCInferenceServiceStub, model: str) -> str:
@@ -54,11 +53,7 @@ def test_grpc_answers_unavailable_at_once_while_the_registry_is_down(start_predi
 
 def test_grpc_with_two_workers_is_ready_and_follows_a_hot_reload(start_predictor, mlflow_server):
     name = "fraud-grpc-workers"
-    first = train_and_register(
-        TrainingConfig(rows=3_000, seed=3, model_name=name, alias="live", force=True),
-        mlflow_server.url,
-        log=lambda _: None,
-    )
+    first = register_quick_model(mlflow_server.url, name, seed=3)
     grpc_port = free_port()
     predictor = start_predictor(
         env={
@@ -77,11 +72,7 @@ def test_grpc_with_two_workers_is_ready_and_follows_a_hot_reload(start_predictor
         assert stub.ModelReady(pb.ModelReadyRequest(name="fraud-detector"), timeout=5).ready
         assert grpc_version(stub, "fraud-detector") == first.version
 
-        second = train_and_register(
-            TrainingConfig(rows=3_000, seed=4, model_name=name, alias="live", force=True),
-            mlflow_server.url,
-            log=lambda _: None,
-        )
+        second = register_quick_model(mlflow_server.url, name, seed=4)
         registry.connect(mlflow_server.url)
         deadline = time.monotonic() + 60
         while grpc_version(stub, "fraud-detector") != second.version:

@@ -20,22 +20,13 @@ import pytest
 import requests
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+from support import ORDINARY as GOOD
 from support import Predictor, free_port, launch_predictor, stop
 
 from predictor.codec import V2_INPUTS
 
 MODEL = "fraud-detector"
 MAX_ROWS = 1_000
-GOOD = {
-    "amount": 42.0,
-    "timestamp": "2026-11-26T14:02:00+01:00",
-    "merchant_category": "grocery",
-    "card_present": True,
-    "distance_from_home_km": 2.5,
-    "transactions_last_24h": 1,
-    "customer_age": 41,
-    "account_age_days": 2400,
-}
 
 
 @dataclass

@@ -15,6 +15,8 @@ from mlflow.models import infer_signature
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
+from support import ORDINARY as GOOD
+from support import register_quick_model
 
 from predictor import metrics, registry
 from predictor.features import build_features, feature_frame
@@ -22,18 +24,6 @@ from predictor.lifecycle import ModelWatcher
 from predictor.model import Batch, FraudModel
 from predictor.schema import validate_transactions
 from predictor.settings import Settings
-from predictor.training import TrainingConfig, train_and_register
-
-GOOD = {
-    "amount": 42.0,
-    "timestamp": "2026-11-26T14:02:00+01:00",
-    "merchant_category": "grocery",
-    "card_present": True,
-    "distance_from_home_km": 2.5,
-    "transactions_last_24h": 1,
-    "customer_age": 41,
-    "account_age_days": 2400,
-}
 
 
 def ref(tag: str | None = "0.5", version: str = "3") -> registry.ModelRef:
@@ -70,11 +60,7 @@ def registry_errors() -> float:
 def test_non_numeric_threshold_tag_is_a_failed_version_not_a_registry_error(mlflow_server, caplog):
     """The version is refused and counted as a failure; the registry itself answered."""
     name = "fraud-bad-threshold"
-    result = train_and_register(
-        TrainingConfig(rows=3_000, seed=5, model_name=name, alias="live", force=True),
-        mlflow_server.url,
-        log=lambda _: None,
-    )
+    result = register_quick_model(mlflow_server.url, name, seed=5)
     client = registry.connect(mlflow_server.url)
     client.set_model_version_tag(name, result.version, registry.THRESHOLD_TAG, "off")
     model = FraudModel(

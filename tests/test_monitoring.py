@@ -20,7 +20,7 @@ import kubernetes_validate
 import pytest
 import requests
 import yaml
-from support import free_port, launch_predictor, stop
+from support import ORDINARY, SUSPICIOUS, as_row, free_port, launch_predictor, stop
 from test_manifests import (
     K8S_VERSION,
     SCHEMAS_DIR,
@@ -35,8 +35,8 @@ COMPONENT = ROOT / "manifests" / "components" / "monitoring"
 RULE = yaml.safe_load((COMPONENT / "prometheusrule.yaml").read_text())
 DASHBOARD = json.loads((COMPONENT / "dashboard.json").read_text())
 JOB = {"job": "fraud-predictor"}
-GOOD = [42.0, "2026-11-26T14:02:00+01:00", "grocery", True, 2.5, 1, 41, 2400]
-SUSPICIOUS = [912.5, "2026-11-26T03:14:00+00:00", "electronics", False, 420.0, 9, 23, 12]
+GOOD = as_row(ORDINARY)
+SUSPICIOUS_ROW = as_row(SUSPICIOUS)
 
 
 def tool(name: str) -> str:
@@ -344,7 +344,7 @@ def test_prometheus_scrapes_what_the_traffic_implies(prometheus):
     for phase in range(2):  # scraped in between, so rates see the counters grow
         for _ in range(20):
             body = requests.post(
-                endpoint, json={"instances": [GOOD] * 4 + [SUSPICIOUS]}, timeout=10
+                endpoint, json={"instances": [GOOD] * 4 + [SUSPICIOUS_ROW]}, timeout=10
             )
             assert body.status_code == 200
             fraud += sum(p["is_fraud"] for p in body.json()["predictions"])

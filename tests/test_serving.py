@@ -19,6 +19,7 @@ from kserve import (
     InferRequest,
     RESTConfig,
 )
+from support import ORDINARY as GOOD
 from support import free_port
 
 from predictor import registry
@@ -296,17 +297,6 @@ def test_embedded_default_bootstraps_demo_model_from_empty_directory(
 
 
 # ---------------------------------------------------------------- bad input, V1 and V2
-
-GOOD = {
-    "amount": 42.0,
-    "timestamp": "2026-11-26T14:02:00+01:00",
-    "merchant_category": "grocery",
-    "card_present": True,
-    "distance_from_home_km": 2.5,
-    "transactions_last_24h": 1,
-    "customer_age": 41,
-    "account_age_days": 2400,
-}
 
 
 def with_(**changes) -> dict:
