@@ -244,7 +244,9 @@ def one_line(error: BaseException) -> str:
 
 
 class FraudDataPlane(DataPlane):
-    """KServe's data plane with truthful readiness and the served version in metadata."""
+    """KServe's data plane with truthful readiness (the only door: nothing loads inline),
+    decoding failures as 400s, V2 bodies checked before decoding, and the served version
+    in metadata."""
 
     def __init__(self, model_registry: ModelRepository, settings: Settings, workers: int):
         super().__init__(model_registry=model_registry)
