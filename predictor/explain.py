@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from predictor.engine import tree_model
 from predictor.features import FEATURE_NAMES
 from predictor.schema import FIELD_ORDER
 
@@ -51,25 +52,14 @@ class ExplainerUnavailable(Exception):
     """The served version cannot be explained; the message says why."""
 
 
-def tree_model(estimator: Any) -> Any:
-    """The tree ensemble itself: a Pipeline is unwrapped when no step before its last one
-    changes the features (then contributions to the last step's inputs are the features')."""
-    steps = getattr(estimator, "steps", None)
-    if steps is None:
-        return estimator
-    transforms = [name for name, step in steps[:-1] if step not in (None, "passthrough")]
-    if transforms:
-        raise ExplainerUnavailable(
-            f"the pipeline transforms the features before its model ({', '.join(transforms)})"
-        )
-    return steps[-1][1]
-
-
 class Explainer:
     """Exact per-field log-odds contributions for one version's estimator."""
 
     def __init__(self, estimator: Any):
-        model = tree_model(estimator)
+        try:
+            model = tree_model(estimator)
+        except ValueError as error:
+            raise ExplainerUnavailable(str(error)) from None
         try:
             import shap  # seconds to import; see the module docstring
 

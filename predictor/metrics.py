@@ -26,8 +26,9 @@ from predictor.runtime import METRICS_ENV
 
 MODEL_INFO = Gauge(
     "fraud_model_info",
-    "1 for the model version being served (by any worker), 0 for versions served before.",
-    ["model", "version", "alias", "run_id"],
+    "1 for the model version being served (by any worker), 0 for versions served before;"
+    " engine: treelite (compiled trees for small batches) or sklearn.",
+    ["model", "version", "alias", "run_id", "engine"],
     multiprocess_mode="max",
 )
 MODEL_LOADS = Counter(

@@ -14,6 +14,7 @@ from kserve.errors import InferenceError, InvalidInput
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from predictor import codec, metrics, registry
+from predictor.engine import Scorer, build_scorer
 from predictor.explain import Explainer, ExplainerUnavailable, explain_rows
 from predictor.features import build_features
 from predictor.lifecycle import ModelWatcher
@@ -35,6 +36,7 @@ class Serving:
 
     loaded: registry.LoadedModel
     threshold: float
+    scorer: Scorer
     explainer: Explainer | None = None
     #: Why this version cannot be explained (when `explainer` is None).
     explainer_error: str | None = None
@@ -114,23 +116,29 @@ class FraudModel(Model):
                 "set DECISION_THRESHOLD or tag the version"
             )
         previous = self._serving
+        scorer, not_compiled = build_scorer(loaded.estimator, threshold, loaded.input_example)
+        if not_compiled:
+            logger.warning(
+                "version %s is scored by scikit-learn alone: %s", loaded.ref.version, not_compiled
+            )
         # Built before the swap, so an explanation always describes the version that scored
         # the row (the first one of a process imports shap: ~0.4 s).
         explainer, explainer_error = _build_explainer(loaded)
-        self._serving = Serving(loaded, threshold, explainer, explainer_error)
+        self._serving = Serving(loaded, threshold, scorer, explainer, explainer_error)
         self.ready = True
         ref = loaded.ref
         if previous is not None:
-            _model_info(previous.loaded.ref).set(0)
-        _model_info(ref).set(1)
+            _model_info(previous.loaded.ref, previous.scorer.engine).set(0)
+        _model_info(ref, scorer.engine).set(1)
         logger.info(
-            "model loaded: %s version %s (uri %s, run %s), threshold %.4f from %s",
+            "model loaded: %s version %s (uri %s, run %s), threshold %.4f from %s, engine %s",
             ref.name or "run",
             ref.version,
             ref.uri,
             ref.run_id,
             threshold,
             source,
+            scorer.engine,
         )
 
     async def preprocess(
@@ -223,16 +231,20 @@ def _body_bytes(headers: dict[str, str] | None) -> int:
     return int(declared) if declared.isdigit() else 0
 
 
-def _model_info(ref: registry.ModelRef):
+def _model_info(ref: registry.ModelRef, engine: str):
     return metrics.MODEL_INFO.labels(
-        model=ref.name or "", version=ref.version, alias=ref.alias or "", run_id=ref.run_id or ""
+        model=ref.name or "",
+        version=ref.version,
+        alias=ref.alias or "",
+        run_id=ref.run_id or "",
+        engine=engine,
     )
 
 
 def _checked_probabilities(serving: Serving, features: np.ndarray) -> np.ndarray:
     """The version's fraud probabilities, refused (and counted) unless they are ones."""
     try:
-        probabilities = serving.loaded.estimator.predict_proba(features)[:, 1]
+        probabilities = serving.scorer.fraud_probability(features)
     except Exception as error:
         raise InferenceError(f"model version {serving.version} failed: {error}") from error
     if not registry.are_probabilities(probabilities):

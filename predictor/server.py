@@ -308,7 +308,8 @@ class FraudDataPlane(DataPlane):
         serving = getattr(model, "serving", None)
         if serving is not None:
             metadata["versions"] = [serving.version]
-            metadata["platform"] = "mlflow_sklearn"
+            # The V2 metadata schema has no field for it: the engine rides in the platform.
+            metadata["platform"] = f"mlflow_sklearn/{serving.scorer.engine}"
         return metadata
 
 

@@ -268,6 +268,31 @@ def start_predictor(stack: Stack, tracking_uri: str, workers: int) -> tuple[Targ
     return Target(f"predictor {workers}w", base, f"/v1/models/{MODEL}:predict", "v1"), ready
 
 
+def engine_floors(tracking_uri: str, payloads: list[dict]) -> list[str]:
+    """In process, no HTTP: p50 of scoring 1 and 100 rows with each engine the server may
+    use for the registered version (validation and features excluded)."""
+    from predictor import registry
+    from predictor.engine import build_scorer
+
+    ref = registry.resolve(registry.connect(tracking_uri), f"models:/{MODEL}@champion")
+    loaded = registry.load(ref, tracking_uri)
+    scorer, reason = build_scorer(loaded.estimator, 0.5, loaded.input_example)
+    engines = {"scikit-learn": lambda f: loaded.estimator.predict_proba(f)[:, 1]}
+    if scorer.compiled is not None:
+        engines["treelite (compiled)"] = scorer.compiled
+    lines = [] if reason is None else [f"not compiled: {reason}"]
+    for rows in (1, 100):
+        features = build_features(validate_transactions(payloads[:rows]))
+        for name, score in engines.items():
+            timings = []
+            for _ in range(300):
+                started = time.perf_counter()
+                score(features)
+                timings.append((time.perf_counter() - started) * 1e6)
+            lines.append(f"in process, {name}, rows={rows}: p50 {np.median(timings):.0f} µs")
+    return lines
+
+
 def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
     from predictor.training import TrainingConfig, train_and_register
 
@@ -283,6 +308,7 @@ def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
         trained = train_and_register(TrainingConfig(), tracking_uri, log=lambda _: None)
         print(f"model version {trained.version} registered", file=sys.stderr)
 
+        floors = engine_floors(tracking_uri, payloads)
         one, one_ready = start_predictor(stack, tracking_uri, workers=1)
         load_seconds = metric_sum(one.base_url, "fraud_model_load_duration_seconds_sum")
         peer_port = free_port()
@@ -379,6 +405,8 @@ def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
             f"(model load {load_seconds:.2f} s of it), mlflow models serve {peer_ready:.1f} s"
         )
         print(f"max |probability difference| vs mlflow models serve: {difference:.1e}")
+        for line in floors:
+            print(line)
         for concurrency in args.concurrency:
             explained = find("predictor 1w (explain)", 1, concurrency)
             predicted = find("predictor 1w (V1)", 1, concurrency)
