@@ -1,15 +1,18 @@
 """Latency and throughput of the predictor over HTTP (predict, infer and explain), side by
-side with `mlflow models serve`.
+side with `mlflow models serve`, a plain KServe predictor and the HTTP floor.
 
     uv run python scripts/benchmark.py                 # full run: starts everything itself
     uv run python scripts/benchmark.py --url http://127.0.0.1:8080   # an already running server
 
 The full run starts a real `mlflow server` (sqlite, temporary directory), trains and
 registers the demo model into it, then starts on the same registered version:
-the predictor with 1 worker, `mlflow models serve` (1 worker), and the predictor with
-2 workers. Every server gets the same transactions: the predictor as V1 and V2 requests,
-`mlflow models serve` as the feature rows its signature asks for (built by the same
-features module, so it skips validation and feature building: an advantage to the peer).
+the predictor with 1 worker, `mlflow models serve` (1 worker), a plain KServe custom
+predictor (scripts/peers.py: MLflow's loader, pandas), and the predictor with 2 workers;
+and the HTTP floor (scripts/peers.py: a constant answer from a bare uvicorn app). Every
+server gets the same transactions: the predictor as V1 and V2 requests, the peers as the
+feature rows the model's signature asks for (built by the same features module, so they
+skip validation and feature building: an advantage to the peers). It also reports each
+scoring engine's in-process floor.
 Every response is checked (status, one answer per row, probabilities in [0, 1]); the
 predictor's probabilities are compared with the peer's for the same transactions.
 
@@ -58,7 +61,7 @@ class Target:
     name: str
     base_url: str
     path: str
-    protocol: str  # v1 | v2 | explain | mlflow
+    protocol: str  # v1 | v2 | explain | mlflow | features
 
 
 @dataclass
@@ -85,6 +88,8 @@ def body_for(protocol: str, transactions: list[dict]) -> bytes:
     if protocol == "v2":
         return json.dumps(v2_request_body(transactions)).encode()
     features = build_features(validate_transactions(transactions))
+    if protocol == "features":  # the plain KServe predictor: feature rows as V1 instances
+        return json.dumps({"instances": features.tolist()}).encode()
     return json.dumps(
         {"dataframe_split": {"columns": list(FEATURE_NAMES), "data": features.tolist()}}
     ).encode()
@@ -96,6 +101,8 @@ def probabilities_of(protocol: str, body: dict) -> list[float]:
         return [p["fraud_probability"] for p in body["predictions"]]
     if protocol == "explain":
         return [e["fraud_probability"] for e in body["explanations"]]
+    if protocol == "features":
+        return body["predictions"]
     if protocol == "v2":
         return {o["name"]: o["data"] for o in body["outputs"]}["fraud_probability"]
     return [row[1] for row in body["predictions"]]  # predict_proba: [p(legit), p(fraud)]
@@ -268,6 +275,34 @@ def start_predictor(stack: Stack, tracking_uri: str, workers: int) -> tuple[Targ
     return Target(f"predictor {workers}w", base, f"/v1/models/{MODEL}:predict", "v1"), ready
 
 
+def start_peer(
+    stack: Stack,
+    kind: str,
+    args: list[str],
+    path: str,
+    protocol: str,
+    name: str,
+    env: dict[str, str] | None = None,
+) -> tuple[Target, subprocess.Popen]:
+    """One of scripts/peers.py's reference servers, ready to be driven."""
+    port = free_port()
+    script = Path(__file__).resolve().parent / "peers.py"
+    command = [sys.executable, str(script), kind, str(port), *args]
+    process = stack.start(kind, command, env or {})
+    base = f"http://127.0.0.1:{port}"
+    if kind == "floor":
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if call(Target(name, base, path, protocol), b"{}", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+    else:
+        wait_ready(f"{base}/v2/health/ready", process)
+    return Target(name, base, path, protocol), process
+
+
 def engine_floors(tracking_uri: str, payloads: list[dict]) -> list[str]:
     """In process, no HTTP: p50 of scoring 1 and 100 rows with each engine the server may
     use for the registered version (validation and features excluded)."""
@@ -337,6 +372,16 @@ def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
             "mlflow models serve", f"http://127.0.0.1:{peer_port}", "/invocations", "mlflow"
         )
         peer_ready = wait_ready(f"{peer.base_url}/ping", peer_process)
+        floor, floor_process = start_peer(stack, "floor", [], "/", "v1", "HTTP floor")
+        kserve_peer, kserve_process = start_peer(
+            stack,
+            "kserve",
+            [f"models:/{MODEL}/{trained.version}"],
+            "/v1/models/peer:predict",
+            "features",
+            "plain KServe predictor",
+            {"MLFLOW_TRACKING_URI": tracking_uri},
+        )
 
         # Same answers first: speed may not change them.
         sample = payloads[:200]
@@ -358,11 +403,13 @@ def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
         for rows in args.rows:
             for concurrency in args.concurrency:
                 count = args.requests if rows == 1 else max(100, args.requests // 4)
-                for target in (one, v2, peer):
+                targets = [one, v2, peer, kserve_peer] + ([floor] if rows == 1 else [])
+                for target in targets:
                     peer_count = count if target is not peer else max(100, count // 5)
                     results.append(drive(target, rows, concurrency, peer_count, payloads))
                     print(f"  {target.name} rows={rows} c={concurrency} done", file=sys.stderr)
-        stack.stop(peer_process)
+        for process in (peer_process, floor_process, kserve_process):
+            stack.stop(process)
         stack.stop(stack.processes[1])  # the 1-worker predictor: free the cores
 
         two, two_ready = start_predictor(stack, tracking_uri, workers=2)
@@ -394,6 +441,17 @@ def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
                     f"rows={rows:<3} c={concurrency}: p50 {latency_ratio:5.1f}x lower, "
                     f"throughput {throughput_ratio:5.1f}x higher than mlflow models serve"
                 )
+        for concurrency in args.concurrency:
+            mine = find("predictor 1w (V1)", 1, concurrency)
+            plain = find("plain KServe predictor", 1, concurrency)
+            bare = find("HTTP floor", 1, concurrency)
+            ratio = mine.requests_per_second / plain.requests_per_second
+            print(
+                f"rows=1   c={concurrency}: {ratio:5.1f}x the plain KServe predictor's "
+                f"throughput; p50 {mine.percentile(50):.2f} ms = "
+                f"HTTP floor {bare.percentile(50):.2f} ms + "
+                f"{mine.percentile(50) - bare.percentile(50):.2f} ms"
+            )
         for result in scaling:
             base = find("predictor 1w (V1)", result.rows, high)
             print(
