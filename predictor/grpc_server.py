@@ -38,7 +38,7 @@ from kserve.utils.utils import to_headers
 from predictor import codec, metrics
 from predictor.binary_extension import ELEMENT_BYTES
 from predictor.model import INLINE_MAX_BODY_BYTES, INLINE_MAX_ROWS
-from predictor.schema import shown
+from predictor.schema import one_line, shown
 
 logger = logging.getLogger("predictor.grpc")
 
@@ -153,9 +153,7 @@ def decode_grpc_request(request: pb.ModelInferRequest) -> InferRequest:
     except InvalidInput:
         raise
     except (ValueError, TypeError, KeyError, IndexError, struct.error) as error:
-        raise InvalidInput(
-            f"request could not be decoded: {type(error).__name__}: {shown(str(error), 200)}"
-        ) from None
+        raise InvalidInput(f"request could not be decoded: {one_line(error)}") from None
 
 
 class FraudGRPCServer(GRPCServer):

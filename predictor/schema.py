@@ -123,6 +123,12 @@ def shown(value: Any, limit: int = 40) -> str:
     return repr(text) if isinstance(value, str) else text.encode("unicode_escape").decode()
 
 
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """An exception raised by decoding client input, for an error message: its type, and its
+    text on one line, shown() (escaped, cut at `limit`)."""
+    return f"{type(error).__name__}: {shown(' '.join(str(error).split()), limit)}"
+
+
 def shown_list(values: Sequence[Any], limit: int = 5) -> str:
     """At most `limit` values, each shown(), and how many more there were."""
     parts = [shown(value) for value in values[:limit]]

@@ -42,7 +42,7 @@ from predictor.binary_extension import check_binary_request
 from predictor.grpc_server import FraudGRPCServer
 from predictor.logs import configure_logging, quiet_kserve_logging
 from predictor.model import INLINE_MAX_BODY_BYTES, FraudModel
-from predictor.schema import describe_errors, shown, shown_list
+from predictor.schema import describe_errors, one_line, shown_list
 from predictor.settings import Settings
 
 
@@ -237,10 +237,6 @@ DECODING_ERRORS = (
     struct.error,
     CloudEventError,
 )
-
-
-def one_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {shown(' '.join(str(error).split()), 200)}"
 
 
 class FraudDataPlane(DataPlane):
