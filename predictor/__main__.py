@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import gc
 import sys
+
+# Start-up makes millions of objects that live as long as the process (modules, classes);
+# the cyclic GC would scan them over and over while they are made (about 0.4 s of a 2 s
+# start, measured here). Collection resumes once they are in, with all of them frozen.
+gc.disable()
 
 # Metrics storage is chosen when prometheus_client is first imported (by KServe too), and
 # native thread pools when numpy loads, so both are set up before anything else is imported.
-from predictor.runtime import pin_native_threads, prepare_run_dir, wants_workers
+from predictor.runtime import (
+    import_model_loader,
+    pin_native_threads,
+    prepare_run_dir,
+    wants_workers,
+)
 
 pin_native_threads()
 if wants_workers(sys.argv[1:]):
     prepare_run_dir()  # shared metrics and readiness across worker processes
+else:
+    # First, while few modules are loaded (see import_model_loader). Worker processes
+    # (which see the same argv) import it when they load, after they have started: KServe
+    # restarts a worker that is not up within 5 s.
+    import_model_loader()
 
 import argparse  # noqa: E402
 import logging.config  # noqa: E402
@@ -24,6 +40,9 @@ from predictor.model import FraudModel  # noqa: E402
 from predictor.runtime import remove_run_dir  # noqa: E402
 from predictor.server import build_server  # noqa: E402
 from predictor.settings import DEFAULT_MODEL_NAME, ConfigurationError, load_settings  # noqa: E402
+
+gc.freeze()
+gc.enable()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -6,8 +6,8 @@ and sigmoid(raw score) = its fraud probability. Features derived from one client
 summed into that field (`timestamp` gets hour, weekday and night; `amount` gets its
 log), so an analyst reads them in the terms the client sent.
 
-shap (and numba under it) is imported when the first explainer is built, in the loading
-thread (~0.4 s), never on the predict path.
+shap (and numba under it) is imported when the first explainer is built, in a background
+thread after the version is served (~0.4 s), never on the predict path.
 """
 
 from __future__ import annotations

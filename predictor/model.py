@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,10 @@ MODEL_VERSION_HEADER = "x-model-version"
 INLINE_MAX_ROWS = 128
 INLINE_MAX_BODY_BYTES = 64 * 1024
 
+#: Explainers are built here, after their version is served: the first build imports shap
+#: (with numba, ~0.4 s), which readiness and predictions must not wait for.
+_explainer_builds = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explainer-build")
+
 
 @dataclass(frozen=True)
 class Serving:
@@ -37,9 +43,9 @@ class Serving:
     loaded: registry.LoadedModel
     threshold: float
     scorer: Scorer
-    explainer: Explainer | None = None
-    #: Why this version cannot be explained (when `explainer` is None).
-    explainer_error: str | None = None
+    #: This version's explainer, being built in the background; fails with
+    #: ExplainerUnavailable for a version that cannot be explained.
+    explainer: Future[Explainer]
 
     @property
     def version(self) -> str:
@@ -121,10 +127,10 @@ class FraudModel(Model):
             logger.warning(
                 "version %s is scored by scikit-learn alone: %s", loaded.ref.version, not_compiled
             )
-        # Built before the swap, so an explanation always describes the version that scored
-        # the row (the first one of a process imports shap: ~0.4 s).
-        explainer, explainer_error = _build_explainer(loaded)
-        self._serving = Serving(loaded, threshold, scorer, explainer, explainer_error)
+        # Bound to this version before the swap, so an explanation always describes the
+        # version that scored the row; built after it, so serving never waits for shap.
+        explainer = _explainer_builds.submit(_build_explainer, loaded)
+        self._serving = Serving(loaded, threshold, scorer, explainer)
         self.ready = True
         ref = loaded.ref
         if previous is not None:
@@ -193,10 +199,6 @@ class FraudModel(Model):
         serving = self._serving  # read once: scores and explanations from one version
         if serving is None:
             raise InferenceError("no model is loaded")
-        if serving.explainer is None:
-            raise NotImplementedError(
-                f"model version {serving.version} cannot be explained: {serving.explainer_error}"
-            )
         rows = len(payload.features)
         if rows > self.settings.max_explain_rows:
             raise InvalidInput(
@@ -257,18 +259,23 @@ def _checked_probabilities(serving: Serving, features: np.ndarray) -> np.ndarray
 
 
 def _explain(serving: Serving, batch: Batch) -> list[dict[str, Any]]:
+    try:
+        explainer = serving.explainer.result()  # waits only in a process's first ~0.5 s
+    except ExplainerUnavailable as error:
+        raise NotImplementedError(
+            f"model version {serving.version} cannot be explained: {error}"
+        ) from None
     probabilities = _checked_probabilities(serving, batch.features)
     decisions = probabilities >= serving.threshold
-    assert serving.explainer is not None
     try:
         return explain_rows(
-            serving.explainer, batch.features, batch.rows, probabilities, decisions, serving.version
+            explainer, batch.features, batch.rows, probabilities, decisions, serving.version
         )
     except ExplainerUnavailable as error:
         raise InferenceError(f"model version {serving.version}: {error}") from None
 
 
-def _build_explainer(loaded: registry.LoadedModel) -> tuple[Explainer | None, str | None]:
+def _build_explainer(loaded: registry.LoadedModel) -> Explainer:
     started = time.perf_counter()
     try:
         explainer = Explainer(loaded.estimator)
@@ -276,10 +283,11 @@ def _build_explainer(loaded: registry.LoadedModel) -> tuple[Explainer | None, st
         logger.warning(
             "version %s serves predictions but cannot be explained: %s", loaded.ref.version, error
         )
-        return None, str(error)
+        raise
+    gc.freeze()  # shap's modules live as long as the process (see predictor.lifecycle)
     logger.info(
         "explainer for version %s ready in %.2f s",
         loaded.ref.version,
         time.perf_counter() - started,
     )
-    return explainer, None
+    return explainer

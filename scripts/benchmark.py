@@ -5,7 +5,9 @@ side with `mlflow models serve`, a plain KServe predictor and the HTTP floor.
     uv run python scripts/benchmark.py --url http://127.0.0.1:8080   # an already running server
 
 The full run starts a real `mlflow server` (sqlite, temporary directory), trains and
-registers the demo model into it, then starts on the same registered version:
+registers the demo model into it, measures spawn -> ready of the predictor and of
+`mlflow models serve` in alternating rounds (`--startup-only` stops there), then starts
+on the same registered version:
 the predictor with 1 worker, `mlflow models serve` (1 worker), a plain KServe custom
 predictor (scripts/peers.py: MLflow's loader, pandas), and the predictor with 2 workers;
 and the HTTP floor (scripts/peers.py: a constant answer from a bare uvicorn app). Every
@@ -28,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -275,6 +278,54 @@ def start_predictor(stack: Stack, tracking_uri: str, workers: int) -> tuple[Targ
     return Target(f"predictor {workers}w", base, f"/v1/models/{MODEL}:predict", "v1"), ready
 
 
+def start_mlflow_serve(stack: Stack, tracking_uri: str) -> tuple[Target, subprocess.Popen, float]:
+    """`mlflow models serve` on the champion, one worker, ready to be driven."""
+    port = free_port()
+    process = stack.start(
+        "mlflow-models-serve",
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{MODEL}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            "1",
+        ],
+        {"MLFLOW_TRACKING_URI": tracking_uri},
+    )
+    peer = Target("mlflow models serve", f"http://127.0.0.1:{port}", "/invocations", "mlflow")
+    return peer, process, wait_ready(f"{peer.base_url}/ping", process)
+
+
+def startup_rounds(stack: Stack, tracking_uri: str, rounds: int) -> list[str]:
+    """Spawn -> ready of the predictor (1 worker) and of `mlflow models serve`, alternated
+    `rounds` times so both see the same machine; each server is stopped before the next."""
+    ours: list[float] = []
+    theirs: list[float] = []
+    for _ in range(rounds):
+        _, ready = start_predictor(stack, tracking_uri, workers=1)
+        ours.append(ready)
+        stack.stop(stack.processes[-1])
+        _, process, ready = start_mlflow_serve(stack, tracking_uri)
+        theirs.append(ready)
+        stack.stop(process)
+    mine, peer = statistics.median(ours), statistics.median(theirs)
+    return [
+        f"start -> ready, median of {rounds} alternating rounds: predictor 1 worker "
+        f"{mine:.2f} s ({', '.join(f'{t:.2f}' for t in ours)}), mlflow models serve "
+        f"{peer:.2f} s ({', '.join(f'{t:.2f}' for t in theirs)}): ratio {mine / peer:.2f}"
+    ]
+
+
 def start_peer(
     stack: Stack,
     kind: str,
@@ -343,35 +394,17 @@ def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
         trained = train_and_register(TrainingConfig(), tracking_uri, log=lambda _: None)
         print(f"model version {trained.version} registered", file=sys.stderr)
 
+        startup = startup_rounds(stack, tracking_uri, args.startup_rounds)
+        for line in startup:
+            print(line, file=sys.stderr)
+        if args.startup_only:
+            print("\n".join(startup))
+            return 0
         floors = engine_floors(tracking_uri, payloads)
         one, one_ready = start_predictor(stack, tracking_uri, workers=1)
+        one_process = stack.processes[-1]
         load_seconds = metric_sum(one.base_url, "fraud_model_load_duration_seconds_sum")
-        peer_port = free_port()
-        peer_process = stack.start(
-            "mlflow-models-serve",
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "models",
-                "serve",
-                "-m",
-                f"models:/{MODEL}@champion",
-                "--env-manager",
-                "local",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(peer_port),
-                "-w",
-                "1",
-            ],
-            {"MLFLOW_TRACKING_URI": tracking_uri},
-        )
-        peer = Target(
-            "mlflow models serve", f"http://127.0.0.1:{peer_port}", "/invocations", "mlflow"
-        )
-        peer_ready = wait_ready(f"{peer.base_url}/ping", peer_process)
+        peer, peer_process, _ = start_mlflow_serve(stack, tracking_uri)
         floor, floor_process = start_peer(stack, "floor", [], "/", "v1", "HTTP floor")
         kserve_peer, kserve_process = start_peer(
             stack,
@@ -410,7 +443,7 @@ def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
                     print(f"  {target.name} rows={rows} c={concurrency} done", file=sys.stderr)
         for process in (peer_process, floor_process, kserve_process):
             stack.stop(process)
-        stack.stop(stack.processes[1])  # the 1-worker predictor: free the cores
+        stack.stop(one_process)  # free the cores for the 2-worker predictor
 
         two, two_ready = start_predictor(stack, tracking_uri, workers=2)
         two.name = "predictor 2w (V1)"
@@ -458,9 +491,11 @@ def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
                 f"2 workers vs 1, rows={result.rows} c={high}: "
                 f"{result.requests_per_second / base.requests_per_second:.2f}x throughput"
             )
+        for line in startup:
+            print(line)
         print(
-            f"start -> ready: predictor 1 worker {one_ready:.1f} s, 2 workers {two_ready:.1f} s "
-            f"(model load {load_seconds:.2f} s of it), mlflow models serve {peer_ready:.1f} s"
+            f"start -> ready while measuring: predictor 1 worker {one_ready:.2f} s, 2 workers "
+            f"{two_ready:.2f} s (model load {load_seconds:.2f} s of the first)"
         )
         print(f"max |probability difference| vs mlflow models serve: {difference:.1e}")
         for line in floors:
@@ -484,6 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 100], help="rows per request")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--requests", type=int, default=2000, help="requests per measurement")
+    parser.add_argument("--startup-rounds", type=int, default=3, help="start-up measurements")
+    parser.add_argument(
+        "--startup-only", action="store_true", help="measure start-up only (full run only)"
+    )
     args = parser.parse_args(argv)
     payloads = transaction_payloads(generate_transactions(rows=2_000, fraud_rate=0.05, seed=1))
     if not args.url:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 
 import mlflow
@@ -174,3 +175,44 @@ def test_a_version_the_explainer_cannot_walk_still_predicts_and_explain_says_why
     assert scored["model_version"] == "4"
     with pytest.raises(NotImplementedError, match="version 4 cannot be explained: the pipeline"):
         asyncio.run(model.explain(batch))
+
+
+def test_serving_does_not_wait_for_the_explainer_and_explain_waits_for_its_own_version(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """The explainer is built after the swap (the first build imports shap, ~0.4 s):
+    predictions answer at once, an explanation waits for its version's explainer."""
+    import predictor.model as model_module
+
+    building = threading.Event()
+    release = threading.Event()
+
+    class SlowExplainer(model_module.Explainer):
+        def __init__(self, estimator):
+            building.set()
+            assert release.wait(30)
+            super().__init__(estimator)
+
+    monkeypatch.setattr(model_module, "Explainer", SlowExplainer)
+    rng = np.random.default_rng(0)
+    features = rng.random((300, 10))
+    estimator = HistGradientBoostingClassifier(max_iter=5).fit(features, features[:, 0] > 0.7)
+    ref = registry.ModelRef("models:/x@live", "models:/x/5", "x", "5", "live", "run", "0.5")
+    model = FraudModel("fraud", Settings())
+    model.serve(registry.LoadedModel(ref=ref, estimator=estimator, input_example=None))
+    assert model.ready and building.wait(30)
+    batch = Batch(build_features(validate_transactions([SUSPICIOUS])), None, [SUSPICIOUS])
+
+    async def predict_then_explain() -> tuple[dict, dict]:
+        scored = await model.predict(batch)
+        explaining = asyncio.ensure_future(model.explain(batch))
+        await asyncio.sleep(0.2)
+        assert not explaining.done()  # waiting for version 5's explainer, off the loop
+        release.set()
+        return scored, await asyncio.wait_for(explaining, 30)
+
+    scored, explained = asyncio.run(predict_then_explain())
+    assert scored["model_version"] == explained["model_version"] == "5"
+    assert explained["explanations"][0]["fraud_probability"] == pytest.approx(
+        scored["predictions"][0]["fraud_probability"], abs=1e-12
+    )
