@@ -16,15 +16,15 @@ WORKDIR /src
 COPY pyproject.toml uv.lock ./
 
 # The server's venv: serving dependencies (mlflow-skinny, no training libraries) and the
-# explain extra (reason codes). The project itself is always rebuilt: uv's cache keys a
-# local project by its pyproject.toml, and would install a stale wheel of changed code.
+# explain and native extras (reason codes, numba scoring). The project is always rebuilt:
+# uv's cache keys a local project by its pyproject.toml, and would install a stale wheel.
 FROM build AS build-serving
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --extra explain --no-install-project
+    uv sync --frozen --no-dev --extra explain --extra native --no-install-project
 COPY README.md ./
 COPY predictor ./predictor
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --extra explain --no-editable --reinstall-package fraud-predictor
+    uv sync --frozen --no-dev --extra explain --extra native --no-editable --reinstall-package fraud-predictor
 
 # The trainer's venv: the train extra (full mlflow, matplotlib).
 FROM build AS build-trainer

@@ -5,11 +5,6 @@ from __future__ import annotations
 import gc
 import sys
 
-# Start-up makes millions of objects that live as long as the process (modules, classes);
-# the cyclic GC would scan them over and over while they are made (about 0.4 s of a 2 s
-# start, measured here). Collection resumes once they are in, with all of them frozen.
-gc.disable()
-
 # Metrics storage is chosen when prometheus_client is first imported (by KServe too), and
 # native thread pools when numpy loads, so both are set up before anything else is imported.
 from predictor.runtime import (
@@ -19,6 +14,10 @@ from predictor.runtime import (
     wants_workers,
 )
 
+# Start-up makes millions of objects that live as long as the process (modules, classes);
+# the cyclic GC would scan them over and over while they are made (about 0.4 s of a 2 s
+# start, measured here). Collection resumes once they are in, with all of them frozen.
+gc.disable()
 pin_native_threads()
 if wants_workers(sys.argv[1:]):
     prepare_run_dir()  # shared metrics and readiness across worker processes

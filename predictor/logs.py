@@ -71,6 +71,11 @@ def quiet_kserve_logging(access_log: bool = False) -> None:
     access.filters = [f for f in access.filters if not isinstance(f, DropAll)]
     if not access_log:
         access.addFilter(DropAll())
+        # And with no handler to write to, uvicorn does not even build the line (it asks
+        # `hasHandlers()` per connection); a worker's logging config may add them back,
+        # which the filter covers.
+        access.handlers.clear()
+        access.propagate = False
     trace = logging.getLogger("kserve.trace")
     if not any(isinstance(f, DropTimings) for f in trace.filters):
         trace.addFilter(DropTimings())

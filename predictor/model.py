@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from kserve.errors import InferenceError, InvalidInput
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from predictor import codec, metrics, registry
-from predictor.engine import Scorer, build_scorer
+from predictor.engine import Scorer, build_scorer, with_native_trees
 from predictor.explain import Explainer, ExplainerUnavailable, explain_rows
 from predictor.features import build_features
 from predictor.lifecycle import ModelWatcher
@@ -31,9 +32,14 @@ MODEL_VERSION_HEADER = "x-model-version"
 INLINE_MAX_ROWS = 128
 INLINE_MAX_BODY_BYTES = 64 * 1024
 
-#: Explainers are built here, after their version is served: the first build imports shap
-#: (with numba, ~0.4 s), which readiness and predictions must not wait for.
+#: Explainers and native engines are built here, after their version is served: the first
+#: of each imports shap or numba and compiles (~0.4 and ~0.7 s), which readiness and
+#: predictions must not wait for.
 _explainer_builds = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explainer-build")
+_native_builds = ThreadPoolExecutor(max_workers=1, thread_name_prefix="native-build")
+#: Held for every change of the served version, so a late engine upgrade cannot bring back
+#: a version that was replaced meanwhile.
+_swaps = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,6 @@ class FraudModel(Model):
                 f"{loaded.ref.download_uri} has no {registry.THRESHOLD_TAG} tag; "
                 "set DECISION_THRESHOLD or tag the version"
             )
-        previous = self._serving
         scorer, not_compiled = build_scorer(loaded.estimator, threshold, loaded.input_example)
         if not_compiled:
             logger.warning(
@@ -130,12 +135,13 @@ class FraudModel(Model):
         # Bound to this version before the swap, so an explanation always describes the
         # version that scored the row; built after it, so serving never waits for shap.
         explainer = _explainer_builds.submit(_build_explainer, loaded)
-        self._serving = Serving(loaded, threshold, scorer, explainer)
-        self.ready = True
+        serving = Serving(loaded, threshold, scorer, explainer)
+        with _swaps:
+            previous, self._serving = self._serving, serving
+            self.ready = True
+            _record_engine(previous, serving)
+        _native_builds.submit(self._compile_natively, serving)
         ref = loaded.ref
-        if previous is not None:
-            _model_info(previous.loaded.ref, previous.scorer.engine).set(0)
-        _model_info(ref, scorer.engine).set(1)
         logger.info(
             "model loaded: %s version %s (uri %s, run %s), threshold %.4f from %s, engine %s",
             ref.name or "run",
@@ -145,6 +151,30 @@ class FraudModel(Model):
             threshold,
             source,
             scorer.engine,
+        )
+
+    def _compile_natively(self, serving: Serving) -> None:
+        """Add the numba tree walk to `serving`'s scorer if it agrees with scikit-learn."""
+        started = time.perf_counter()
+        scorer, reason = with_native_trees(
+            serving.scorer, serving.threshold, serving.loaded.input_example
+        )
+        gc.freeze()  # numba's modules live as long as the process (see predictor.lifecycle)
+        if reason:
+            engine = serving.scorer.engine
+            logger.info("version %s stays on %s: %s", serving.version, engine, reason)
+            return
+        with _swaps:
+            if self._serving is not serving:
+                return  # replaced meanwhile; its successor gets its own build
+            upgraded = replace(serving, scorer=scorer)
+            self._serving = upgraded
+            _record_engine(serving, upgraded)
+        logger.info(
+            "version %s now scored by %s (built in %.2f s)",
+            serving.version,
+            scorer.engine,
+            time.perf_counter() - started,
         )
 
     async def preprocess(
@@ -231,6 +261,13 @@ def _body_bytes(headers: dict[str, str] | None) -> int:
     """The request body's declared size (0 when unknown, e.g. gRPC: rows decide there)."""
     declared = (headers or {}).get("content-length", "0")
     return int(declared) if declared.isdigit() else 0
+
+
+def _record_engine(previous: Serving | None, current: Serving) -> None:
+    """fraud_model_info: 1 for what serves now, 0 for what served before."""
+    if previous is not None:
+        _model_info(previous.loaded.ref, previous.scorer.engine).set(0)
+    _model_info(current.loaded.ref, current.scorer.engine).set(1)
 
 
 def _model_info(ref: registry.ModelRef, engine: str):

@@ -14,6 +14,7 @@ process is prepared in `python -m predictor`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import struct
 import time
@@ -33,9 +34,11 @@ from kserve.model import BaseKServeModel
 from kserve.model_repository import ModelRepository
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferRequest
+from kserve.protocol.rest.server import RESTServer
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from timing_asgi import TimingMiddleware
 
 from predictor import codec, metrics, runtime
 from predictor.binary_extension import check_binary_request
@@ -355,6 +358,8 @@ class FraudModelServer(ModelServer):
         self.enable_grpc = False  # KServe's start() must not build its own gRPC server
 
     async def _serve(self) -> None:
+        for rest_server in self._rest_servers():
+            rest_server._add_middlewares = functools.partial(add_middlewares, rest_server)
         if self.serves_grpc:
             self._grpc_server = FraudGRPCServer(
                 self.grpc_port,
@@ -365,6 +370,20 @@ class FraudModelServer(ModelServer):
             )
             self.servers.append(self._grpc_server.start(self.max_threads))
         await super()._serve()
+
+    def _rest_servers(self) -> list[RESTServer]:
+        """The RESTServer `start()` made: KServe's own or, with `--workers`, its template."""
+        if self._rest_multiprocess_server is not None:
+            return [self._rest_multiprocess_server._rest_server]
+        return [self._rest_server] if self._rest_server is not None else []
+
+
+def add_middlewares(rest_server: RESTServer, app: FastAPI) -> None:
+    """KServe's middlewares minus timing_asgi's TimingMiddleware: it matches every request
+    against all routes to name a timing that KServe only writes to its trace log, which
+    this server drops (predictor.logs.DropTimings)."""
+    RESTServer._add_middlewares(rest_server, app)
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not TimingMiddleware]
 
 
 def build_server(model: FraudModel, settings: Settings, **server_args: Any) -> ModelServer:

@@ -1,7 +1,11 @@
-"""Compiled inference: the registered trees compiled by treelite agree with scikit-learn
-before they serve, small batches take them, and anything else falls back to scikit-learn."""
+"""Compiled inference: the registered trees compiled by treelite, and walked by numba, agree
+with scikit-learn before they serve; the numba walk takes every batch once it is built,
+treelite small batches until then, and anything else falls back to scikit-learn."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -12,17 +16,23 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from support import ORDINARY, SUSPICIOUS
 
+import predictor.model as model_module
 from predictor import registry
 from predictor.engine import (
     COMPILED_MAX_ROWS,
+    NUMBA,
     SKLEARN,
     TREELITE,
     build_scorer,
     compile_trees,
     generated_features,
+    native_trees,
+    with_native_trees,
 )
 from predictor.features import build_features
+from predictor.model import FraudModel
 from predictor.schema import validate_transactions
+from predictor.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +93,19 @@ def test_compiled_trees_that_disagree_are_not_used(registered):
 
 
 def test_the_server_reports_its_engine_and_scores_like_scikit_learn(served, registered):
-    metadata = requests.get(f"{served.url}/v2/models/fraud-detector", timeout=10).json()
-    assert metadata["platform"] == "mlflow_sklearn/treelite"
+    """treelite from the start, the numba walk once it is built (in the background)."""
+    deadline = time.monotonic() + 60
+    platform = None
+    while platform != f"mlflow_sklearn/{NUMBA}" and time.monotonic() < deadline:
+        metadata = requests.get(f"{served.url}/v2/models/fraud-detector", timeout=10).json()
+        platform = metadata["platform"]
+        assert platform in (f"mlflow_sklearn/{TREELITE}", f"mlflow_sklearn/{NUMBA}")
+        time.sleep(0.2)
+    assert platform == f"mlflow_sklearn/{NUMBA}"
     metrics = requests.get(f"{served.url}/metrics", timeout=10).text
-    assert 'engine="treelite"' in metrics.split("fraud_model_info{", 1)[1].split("}", 1)[0]
+    info = [line for line in metrics.splitlines() if line.startswith("fraud_model_info{")]
+    assert any('engine="numba"' in line and line.endswith(" 1.0") for line in info), info
+    assert any('engine="treelite"' in line and line.endswith(" 0.0") for line in info), info
     transactions = [ORDINARY, SUSPICIOUS]
     answer = requests.post(
         f"{served.url}/v1/models/fraud-detector:predict",
@@ -98,3 +117,107 @@ def test_the_server_reports_its_engine_and_scores_like_scikit_learn(served, regi
     )[:, 1]
     served_probabilities = [p["fraud_probability"] for p in answer["predictions"]]
     assert np.max(np.abs(np.array(served_probabilities) - expected)) <= 1e-9
+
+
+def test_the_native_walk_agrees_with_scikit_learn_on_every_batch_size(registered, champion):
+    scorer, reason = build_scorer(registered.estimator, champion.threshold, None)
+    native, reason = with_native_trees(scorer, champion.threshold, registered.input_example)
+    assert reason is None and native.engine == NUMBA
+    rows = generated_features()
+    for size in (1, 7, COMPILED_MAX_ROWS, COMPILED_MAX_ROWS + 1, 500, len(rows)):
+        expected = registered.estimator.predict_proba(rows[:size])[:, 1]
+        actual = native.fraud_probability(rows[:size])
+        assert np.max(np.abs(actual - expected)) <= 1e-9, size
+        assert np.array_equal(actual >= champion.threshold, expected >= champion.threshold)
+
+
+def test_the_native_walk_sends_missing_values_where_each_tree_learned_to():
+    """The server never sends NaN (the schema refuses it), but the walk must read a tree as
+    scikit-learn does: trained with gaps, both directions occur."""
+    rng = np.random.default_rng(3)
+    features = rng.random((2000, 4))
+    labels = (features[:, 0] + rng.normal(0, 0.1, 2000) > 0.5).astype(int)
+    features[rng.random(features.shape) < 0.2] = np.nan
+    estimator = HistGradientBoostingClassifier(max_iter=30, random_state=0).fit(features, labels)
+    directions = np.concatenate(
+        [
+            p[0].nodes["missing_go_to_left"][~p[0].nodes["is_leaf"].astype(bool)]
+            for p in estimator._predictors
+        ]
+    )
+    assert directions.min() == 0 and directions.max() == 1
+    walk = native_trees(estimator)
+    expected = estimator.predict_proba(features)[:, 1]
+    assert np.max(np.abs(walk(features) - expected)) <= 1e-12
+    with pytest.raises(ValueError, match="expected 4 feature columns"):
+        walk(features[:, :3])
+
+
+def test_models_the_native_walk_does_not_know_keep_their_engine():
+    rng = np.random.default_rng(0)
+    features = rng.random((300, 10))  # as many as the server's features
+    labels = (features[:, 0] > 0.5).astype(int)
+    categorical = features.copy()
+    categorical[:, 2] = rng.integers(0, 4, 300)
+    for estimator, why in (
+        (LogisticRegression().fit(features, labels), "only binary HistGradientBoosting"),
+        (
+            HistGradientBoostingClassifier(max_iter=5).fit(features, rng.integers(0, 3, 300)),
+            "only binary HistGradientBoosting",
+        ),
+        (
+            HistGradientBoostingClassifier(max_iter=5, categorical_features=[2]).fit(
+                categorical, (categorical[:, 2] == 1).astype(int)
+            ),
+            "categorical splits",
+        ),
+        (
+            make_pipeline(StandardScaler(), HistGradientBoostingClassifier(max_iter=5)).fit(
+                features, labels
+            ),
+            "transforms the features",
+        ),
+    ):
+        scorer, _ = build_scorer(estimator, 0.5, None)
+        kept, reason = with_native_trees(scorer, 0.5, None)
+        assert kept is scorer and reason.startswith("cannot be compiled natively"), reason
+        assert why in reason
+
+
+def test_a_native_walk_that_disagrees_is_not_used(registered):
+    scorer, _ = build_scorer(registered.estimator, 0.5, None)
+    kept, reason = with_native_trees(scorer, 0.5, None, tolerance=-1.0)
+    assert kept is scorer and kept.engine == TREELITE
+    assert "native trees differ from scikit-learn's" in reason
+
+
+def test_a_late_native_build_never_brings_back_a_replaced_version(
+    registered, monkeypatch: pytest.MonkeyPatch
+):
+    """Version 1's walk finishes after version 2 is served: version 2 keeps serving and
+    gets its own walk."""
+    release = threading.Event()
+    original = model_module.with_native_trees
+
+    def slow_for_version_one(scorer, threshold, example, *args):
+        if threshold == 0.31:
+            assert release.wait(30)
+        return original(scorer, threshold, example, *args)
+
+    monkeypatch.setattr(model_module, "with_native_trees", slow_for_version_one)
+    model = FraudModel("fraud", Settings())
+
+    def loaded(version: str, threshold: str) -> registry.LoadedModel:
+        ref = registry.ModelRef(
+            "models:/x@live", f"models:/x/{version}", "x", version, "live", "run", threshold
+        )
+        return registry.LoadedModel(ref=ref, estimator=registered.estimator, input_example=None)
+
+    model.serve(loaded("1", "0.31"))
+    model.serve(loaded("2", "0.32"))
+    release.set()
+    deadline = time.monotonic() + 60
+    while model.serving.scorer.engine != NUMBA and time.monotonic() < deadline:
+        time.sleep(0.05)
+    model_module._native_builds.submit(lambda: None).result(30)  # version 1's build is done
+    assert model.serving.version == "2" and model.serving.scorer.engine == NUMBA

@@ -66,7 +66,7 @@ def test_serving_and_trainer_get_their_own_locked_venvs():
     """The server's venv has no training libraries (no train extra); the trainer's has."""
     stages = dockerfile_stages()
     serving, trainer = stages["build-serving"], stages["build-trainer"]
-    assert "uv sync --frozen --no-dev --extra explain --no-editable" in serving
+    assert "uv sync --frozen --no-dev --extra explain --extra native --no-editable" in serving
     assert serving.count("--reinstall-package fraud-predictor") == 1  # never a stale wheel
     assert "--extra train" not in serving
     assert "uv sync --frozen --no-dev --extra train --no-editable" in trainer
