@@ -14,7 +14,8 @@ and the HTTP floor (scripts/peers.py: a constant answer from a bare uvicorn app)
 server gets the same transactions: the predictor as V1 and V2 requests, the peers as the
 feature rows the model's signature asks for (built by the same features module, so they
 skip validation and feature building: an advantage to the peers). It also reports each
-scoring engine's in-process floor.
+scoring engine's in-process floor. The predictor is measured once its numba engine serves
+(when the `native` extra is installed).
 Every response is checked (status, one answer per row, probabilities in [0, 1]); the
 predictor's probabilities are compared with the peer's for the same transactions.
 
@@ -278,6 +279,20 @@ def start_predictor(stack: Stack, tracking_uri: str, workers: int) -> tuple[Targ
     return Target(f"predictor {workers}w", base, f"/v1/models/{MODEL}:predict", "v1"), ready
 
 
+def settled_engine(base_url: str, timeout: float = 30) -> str:
+    """The engine that scores once the background build is done: numba when it comes
+    within `timeout` (the `native` extra is installed), else what serves then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        connection = http.client.HTTPConnection(urllib.parse.urlsplit(base_url).netloc, timeout=10)
+        connection.request("GET", f"/v2/models/{MODEL}")
+        engine = json.loads(connection.getresponse().read())["platform"].rsplit("/", 1)[-1]
+        connection.close()
+        if engine == "numba" or time.monotonic() > deadline:
+            return engine
+        time.sleep(0.2)
+
+
 def start_mlflow_serve(stack: Stack, tracking_uri: str) -> tuple[Target, subprocess.Popen, float]:
     """`mlflow models serve` on the champion, one worker, ready to be driven."""
     port = free_port()
@@ -358,15 +373,18 @@ def engine_floors(tracking_uri: str, payloads: list[dict]) -> list[str]:
     """In process, no HTTP: p50 of scoring 1 and 100 rows with each engine the server may
     use for the registered version (validation and features excluded)."""
     from predictor import registry
-    from predictor.engine import build_scorer
+    from predictor.engine import build_scorer, with_native_trees
 
     ref = registry.resolve(registry.connect(tracking_uri), f"models:/{MODEL}@champion")
     loaded = registry.load(ref, tracking_uri)
     scorer, reason = build_scorer(loaded.estimator, 0.5, loaded.input_example)
+    native, native_reason = with_native_trees(scorer, 0.5, loaded.input_example)
     engines = {"scikit-learn": lambda f: loaded.estimator.predict_proba(f)[:, 1]}
     if scorer.compiled is not None:
         engines["treelite (compiled)"] = scorer.compiled
-    lines = [] if reason is None else [f"not compiled: {reason}"]
+    if native.native is not None:
+        engines["numba (native)"] = native.native
+    lines = [f"not used: {why}" for why in (reason, native_reason) if why is not None]
     for rows in (1, 100):
         features = build_features(validate_transactions(payloads[:rows]))
         for name, score in engines.items():
@@ -403,6 +421,7 @@ def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
         floors = engine_floors(tracking_uri, payloads)
         one, one_ready = start_predictor(stack, tracking_uri, workers=1)
         one_process = stack.processes[-1]
+        engine = settled_engine(one.base_url)
         load_seconds = metric_sum(one.base_url, "fraud_model_load_duration_seconds_sum")
         peer, peer_process, _ = start_mlflow_serve(stack, tracking_uri)
         floor, floor_process = start_peer(stack, "floor", [], "/", "v1", "HTTP floor")
@@ -446,6 +465,7 @@ def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
         stack.stop(one_process)  # free the cores for the 2-worker predictor
 
         two, two_ready = start_predictor(stack, tracking_uri, workers=2)
+        settled_engine(two.base_url)
         two.name = "predictor 2w (V1)"
         scaling = []
         for rows in args.rows:
@@ -493,6 +513,7 @@ def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
             )
         for line in startup:
             print(line)
+        print(f"engine serving the measured requests: {engine}")
         print(
             f"start -> ready while measuring: predictor 1 worker {one_ready:.2f} s, 2 workers "
             f"{two_ready:.2f} s (model load {load_seconds:.2f} s of the first)"

@@ -568,7 +568,8 @@ def test_health_answers_within_100_ms_while_huge_requests_are_in_flight(server):
 
 
 def test_the_versioned_v2_route_applies_the_same_checks(server):
-    url = f"{server.url}/v2/models/{MODEL}/versions/1/infer"
+    metadata = requests.get(f"{server.url}/v2/models/{MODEL}", timeout=10).json()
+    url = f"{server.url}/v2/models/{MODEL}/versions/{metadata['versions'][0]}/infer"
     body, headers, status, message = BINARY["truncated bytes length prefix"]
     response = requests.post(url, data=body, headers=headers, timeout=30)
     assert (response.status_code, message in response.json()["error"]) == (status, True)
