@@ -39,20 +39,21 @@ def category_code(merchant_category: str) -> float:
     return _CATEGORY_CODES.get(merchant_category.strip().lower(), _OTHER_CODE)
 
 
-def feature_row(txn: Transaction) -> tuple[float, ...]:
-    """One transaction's features, in FEATURE_NAMES order."""
+def feature_row(txn: Transaction) -> tuple[float | int | bool, ...]:
+    """One transaction's features, in FEATURE_NAMES order (ints and bools become float64
+    in the matrix: exact for every value the schema admits)."""
     local_time = txn.timestamp  # wall-clock time at the point of sale, per its offset
     hour = local_time.hour
     return (
         math.log1p(txn.amount),
-        float(hour),
-        float(local_time.weekday()),
-        1.0 if hour in NIGHT_HOURS else 0.0,
-        1.0 if txn.card_present else 0.0,
-        float(txn.distance_from_home_km),
-        float(txn.transactions_last_24h),
-        float(txn.customer_age),
-        float(txn.account_age_days),
+        hour,
+        local_time.weekday(),
+        hour in NIGHT_HOURS,
+        txn.card_present,
+        txn.distance_from_home_km,
+        txn.transactions_last_24h,
+        txn.customer_age,
+        txn.account_age_days,
         category_code(txn.merchant_category),
     )
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import struct
 import time
 import warnings
@@ -47,6 +48,8 @@ from predictor.logs import configure_logging, quiet_kserve_logging
 from predictor.model import INLINE_MAX_BODY_BYTES, FraudModel
 from predictor.schema import describe_errors, one_line, shown, shown_list
 from predictor.settings import Settings
+
+logger = logging.getLogger("predictor.server")
 
 
 class BodySizeLimit:
@@ -366,13 +369,19 @@ def prepare_serving_process(dataplane: FraudDataPlane) -> None:
 
 
 class FraudModelServer(ModelServer):
-    """KServe's ModelServer with this server's gRPC server in place of KServe's own."""
+    """KServe's ModelServer with this server's gRPC server in place of KServe's own, and
+    `--event_loop` honoured in a single process too."""
 
     def __init__(self, settings: Settings, **server_args: Any):
         super().__init__(**server_args)
         self.settings = settings
         self.serves_grpc = self.enable_grpc
         self.enable_grpc = False  # KServe's start() must not build its own gRPC server
+
+    def start(self, models: list[Any]) -> None:
+        if self.workers == 1:
+            logger.info("event loop: %s", use_event_loop(self.event_loop))
+        super().start(models)
 
     async def _serve(self) -> None:
         for rest_server in self._rest_servers():
@@ -401,6 +410,28 @@ def add_middlewares(rest_server: RESTServer, app: FastAPI) -> None:
     this server drops (predictor.logs.DropTimings)."""
     RESTServer._add_middlewares(rest_server, app)
     app.user_middleware = [m for m in app.user_middleware if m.cls is not TimingMiddleware]
+
+
+def use_event_loop(choice: str) -> str:
+    """Make `asyncio.run` use uvloop for `--event_loop auto` (when installed) or `uvloop`.
+
+    KServe passes the flag to uvicorn, which applies it only when it runs the loop itself
+    (the `--workers` processes); a single process runs KServe's `asyncio.run` on asyncio's
+    default loop whatever the flag says. uvloop comes with KServe (uvicorn[standard]).
+    """
+    if choice not in ("auto", "uvloop"):
+        return "asyncio"
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    # KServe's start() asks for the current loop (to set its exception handler) before its
+    # asyncio.run(), as asyncio's default policy would create one there; uvloop's does not.
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    return "uvloop"
 
 
 def build_server(model: FraudModel, settings: Settings, **server_args: Any) -> ModelServer:

@@ -1,0 +1,37 @@
+"""`--event_loop` (KServe's flag, default `auto`) is honoured by a single process too:
+KServe's own start() runs asyncio's default loop whatever the flag says."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import uvloop
+
+from predictor.server import use_event_loop
+
+
+@pytest.fixture
+def restored_policy():
+    policy = asyncio.get_event_loop_policy()
+    yield
+    asyncio.set_event_loop_policy(policy)
+
+
+@pytest.mark.parametrize("choice", ["auto", "uvloop"])
+def test_auto_and_uvloop_run_on_uvloop(restored_policy, choice):
+    assert use_event_loop(choice) == "uvloop"
+
+    async def running_loop() -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    assert isinstance(asyncio.run(running_loop()), uvloop.Loop)
+
+
+def test_asyncio_keeps_the_default_loop(restored_policy):
+    assert use_event_loop("asyncio") == "asyncio"
+    assert not isinstance(asyncio.get_event_loop_policy(), uvloop.EventLoopPolicy)
+
+
+def test_a_served_predictor_runs_on_uvloop(served):
+    assert "event loop: uvloop" in served.log()
