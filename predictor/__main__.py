@@ -52,7 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     # A log line per request costs more than scoring a transaction: latency is in /metrics.
-    parser.set_defaults(model_name=DEFAULT_MODEL_NAME, enable_latency_logging=False)
+    # asyncio's loop, not uvloop: measured here at 8 concurrent clients, uvloop gave 5-10 %
+    # more throughput but a p95 1.5-2x its p50 (asyncio's: 1.1x); `--event-loop uvloop`.
+    parser.set_defaults(
+        model_name=DEFAULT_MODEL_NAME, enable_latency_logging=False, event_loop="asyncio"
+    )
     return parser.parse_args(argv)
 
 
@@ -91,6 +95,7 @@ def serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         enable_grpc=args.enable_grpc,
         enable_latency_logging=args.enable_latency_logging,
+        event_loop=args.event_loop,
     )
     server.start([])  # returns after a graceful shutdown (SIGTERM/SIGINT)
     return 0

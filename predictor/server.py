@@ -370,7 +370,7 @@ def prepare_serving_process(dataplane: FraudDataPlane) -> None:
 
 class FraudModelServer(ModelServer):
     """KServe's ModelServer with this server's gRPC server in place of KServe's own, and
-    `--event_loop` honoured in a single process too."""
+    `--event-loop` honoured in a single process too."""
 
     def __init__(self, settings: Settings, **server_args: Any):
         super().__init__(**server_args)
@@ -413,7 +413,7 @@ def add_middlewares(rest_server: RESTServer, app: FastAPI) -> None:
 
 
 def use_event_loop(choice: str) -> str:
-    """Make `asyncio.run` use uvloop for `--event_loop auto` (when installed) or `uvloop`.
+    """Make `asyncio.run` use uvloop for `--event-loop auto` (when installed) or `uvloop`.
 
     KServe passes the flag to uvicorn, which applies it only when it runs the loop itself
     (the `--workers` processes); a single process runs KServe's `asyncio.run` on asyncio's

@@ -454,7 +454,7 @@ def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
             print(f"  {explain.name} rows=1 c={concurrency} done", file=sys.stderr)
         for rows in args.rows:
             for concurrency in args.concurrency:
-                count = args.requests if rows == 1 else max(100, args.requests // 4)
+                count = args.requests
                 targets = [one, v2, peer, kserve_peer] + ([floor] if rows == 1 else [])
                 for target in targets:
                     peer_count = count if target is not peer else max(100, count // 5)

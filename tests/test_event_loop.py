@@ -1,12 +1,14 @@
-"""`--event_loop` (KServe's flag, default `auto`) is honoured by a single process too:
-KServe's own start() runs asyncio's default loop whatever the flag says."""
+"""`--event-loop` (KServe's flag; `asyncio` by default here) is honoured by a single process
+too: KServe's own start() runs asyncio's default loop whatever the flag says."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+import requests
 import uvloop
+from support import ORDINARY
 
 from predictor.server import use_event_loop
 
@@ -33,5 +35,12 @@ def test_asyncio_keeps_the_default_loop(restored_policy):
     assert not isinstance(asyncio.get_event_loop_policy(), uvloop.EventLoopPolicy)
 
 
-def test_a_served_predictor_runs_on_uvloop(served):
-    assert "event loop: uvloop" in served.log()
+def test_a_predictor_runs_on_asyncio_unless_told_uvloop(served, start_predictor, mlflow_server):
+    assert "event loop: asyncio" in served.log()
+    told = start_predictor(
+        env={"MLFLOW_TRACKING_URI": mlflow_server.url}, args=["--event-loop", "uvloop"]
+    )
+    body = {"instances": [ORDINARY]}
+    answer = requests.post(f"{told.url}/v1/models/fraud-detector:predict", json=body, timeout=10)
+    assert answer.status_code == 200
+    assert "event loop: uvloop" in told.log()
