@@ -52,11 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     # A log line per request costs more than scoring a transaction: latency is in /metrics.
-    # asyncio's loop, not uvloop: measured here at 8 concurrent clients, uvloop gave 5-10 %
-    # more throughput but a p95 1.5-2x its p50 (asyncio's: 1.1x); `--event-loop uvloop`.
-    parser.set_defaults(
-        model_name=DEFAULT_MODEL_NAME, enable_latency_logging=False, event_loop="asyncio"
-    )
+    parser.set_defaults(model_name=DEFAULT_MODEL_NAME, enable_latency_logging=False)
     return parser.parse_args(argv)
 
 
