@@ -16,6 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from support import ORDINARY, SUSPICIOUS
 
+import predictor.engine as engine
 import predictor.model as model_module
 from predictor import registry
 from predictor.engine import (
@@ -221,3 +222,16 @@ def test_a_late_native_build_never_brings_back_a_replaced_version(
         time.sleep(0.05)
     model_module._native_builds.submit(lambda: None).result(30)  # version 1's build is done
     assert model.serving.version == "2" and model.serving.scorer.engine == NUMBA
+
+
+def test_without_numba_the_version_stays_on_treelite(registered, monkeypatch: pytest.MonkeyPatch):
+    """The serving install without the `native` extra: treelite and scikit-learn serve."""
+
+    def no_numba():
+        raise ModuleNotFoundError("No module named 'numba'")
+
+    monkeypatch.setattr(engine, "_tree_walk", no_numba)
+    scorer, _ = build_scorer(registered.estimator, 0.5, None)
+    kept, reason = with_native_trees(scorer, 0.5, None)
+    assert kept is scorer and kept.engine == TREELITE
+    assert reason == "cannot be compiled natively: ModuleNotFoundError: No module named 'numba'"

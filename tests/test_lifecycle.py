@@ -266,7 +266,18 @@ def test_metrics_sum_over_workers(start_predictor, mlflow_server, champion):
     scrapes = [metric(predictor.url, "fraud_predictions_total") for _ in range(6)]
     assert scrapes == [before + 2 * requests_sent] * 6, scrapes
     assert metric(predictor.url, "fraud_request_rows_count") == requests_sent
-    assert metric(predictor.url, "fraud_model_info", version=champion.version) == 1
+    # Each worker moves its version from treelite to numba once built (max over workers).
+    deadline = time.monotonic() + 60
+    engines = {}
+    while engines != {"treelite": 0.0, "numba": 1.0} and time.monotonic() < deadline:
+        engines = {
+            engine: metric(
+                predictor.url, "fraud_model_info", version=champion.version, engine=engine
+            )
+            for engine in ("treelite", "numba")
+        }
+        time.sleep(0.2)
+    assert engines == {"treelite": 0.0, "numba": 1.0}
     scraped = requests.get(scrape_url, timeout=10).text
     assert "request_predict_seconds" in scraped  # KServe's
     assert "fraud_request_rows_created" not in scraped  # multiprocess mode has no _created
