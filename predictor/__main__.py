@@ -22,9 +22,9 @@ pin_native_threads()
 if wants_workers(sys.argv[1:]):
     prepare_run_dir()  # shared metrics and readiness across worker processes
 else:
-    # First, while few modules are loaded (see import_model_loader). Worker processes
-    # (which see the same argv) import it when they load, after they have started: KServe
-    # restarts a worker that is not up within 5 s.
+    # First, while few modules are loaded (see import_model_loader). `--workers` processes
+    # are spawned without running this module: they import it when they load, after they
+    # have started (KServe restarts a worker that is not up within 5 s).
     import_model_loader()
 
 import argparse  # noqa: E402

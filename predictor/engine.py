@@ -158,6 +158,8 @@ def native_trees(estimator: Any) -> Callable[[np.ndarray], np.ndarray]:
     model = tree_model(estimator)
     if not isinstance(model, HistGradientBoostingClassifier) or model.n_trees_per_iteration_ != 1:
         raise ValueError("only binary HistGradientBoostingClassifier trees are walked")
+    if getattr(model, "_preprocessor", None) is not None:
+        raise ValueError("the model reorders its categorical features before its trees")
     trees = [predictors[0].nodes for predictors in model._predictors]
     if any(tree["is_categorical"].any() for tree in trees):
         raise ValueError("the trees have categorical splits")

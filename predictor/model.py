@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -154,12 +155,21 @@ class FraudModel(Model):
         )
 
     def _compile_natively(self, serving: Serving) -> None:
-        """Add the numba tree walk to `serving`'s scorer if it agrees with scikit-learn."""
+        """Add the numba tree walk to `serving`'s scorer if it agrees with scikit-learn (in
+        the background: whatever fails here leaves the version on its engine, logged)."""
+        try:
+            self._try_native(serving)
+        except Exception:
+            logger.exception("version %s: building the native engine failed", serving.version)
+
+    def _try_native(self, serving: Serving) -> None:
         started = time.perf_counter()
+        first = "numba" not in sys.modules
         scorer, reason = with_native_trees(
             serving.scorer, serving.threshold, serving.loaded.input_example
         )
-        gc.freeze()  # numba's modules live as long as the process (see predictor.lifecycle)
+        if first:
+            gc.freeze()  # numba's modules live as long as the process (see predictor.lifecycle)
         if reason:
             engine = serving.scorer.engine
             logger.info("version %s stays on %s: %s", serving.version, engine, reason)
@@ -314,6 +324,7 @@ def _explain(serving: Serving, batch: Batch) -> list[dict[str, Any]]:
 
 def _build_explainer(loaded: registry.LoadedModel) -> Explainer:
     started = time.perf_counter()
+    first = "shap" not in sys.modules
     try:
         explainer = Explainer(loaded.estimator)
     except ExplainerUnavailable as error:
@@ -321,7 +332,8 @@ def _build_explainer(loaded: registry.LoadedModel) -> Explainer:
             "version %s serves predictions but cannot be explained: %s", loaded.ref.version, error
         )
         raise
-    gc.freeze()  # shap's modules live as long as the process (see predictor.lifecycle)
+    if first:
+        gc.freeze()  # shap's modules live as long as the process (see predictor.lifecycle)
     logger.info(
         "explainer for version %s ready in %.2f s",
         loaded.ref.version,

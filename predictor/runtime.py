@@ -64,7 +64,7 @@ def prepare_run_dir() -> None:
     otherwise it points into the run directory.
     """
     if os.environ.get(RUN_DIR_ENV):
-        return  # a worker re-importing the entry module: siblings' samples must stay
+        return  # prepared already in this process tree: the workers' samples must stay
     run_dir = Path(tempfile.mkdtemp(prefix="fraud-predictor-"))
     (run_dir / "ready").mkdir()
     os.environ[RUN_DIR_ENV] = str(run_dir)

@@ -45,7 +45,7 @@ from predictor import codec, metrics, runtime
 from predictor.binary_extension import check_binary_request
 from predictor.grpc_server import FraudGRPCServer
 from predictor.logs import configure_logging, quiet_kserve_logging
-from predictor.model import INLINE_MAX_BODY_BYTES, FraudModel
+from predictor.model import INLINE_MAX_BODY_BYTES, MODEL_VERSION_HEADER, FraudModel
 from predictor.schema import describe_errors, one_line, shown, shown_list
 from predictor.settings import Settings
 
@@ -216,7 +216,11 @@ def v2_versioned_infer_endpoint(dataplane: FraudDataPlane, infer):
         serving = getattr(dataplane.get_model_from_registry(model_name), "serving", None)
         if serving is not None and serving.version != model_version:
             raise ModelNotFound(f"{model_name} version {shown(model_version)}")
-        return await infer(raw_request, model_name)
+        response = await infer(raw_request, model_name)
+        # A hot reload between the check and the scoring: not the version asked for.
+        if response.headers.get(MODEL_VERSION_HEADER) != model_version:
+            raise ModelNotFound(f"{model_name} version {shown(model_version)}")
+        return response
 
     return versioned_infer
 

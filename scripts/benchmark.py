@@ -286,7 +286,8 @@ def settled_engine(base_url: str, timeout: float = 30) -> str:
     while True:
         connection = http.client.HTTPConnection(urllib.parse.urlsplit(base_url).netloc, timeout=10)
         connection.request("GET", f"/v2/models/{MODEL}")
-        engine = json.loads(connection.getresponse().read())["platform"].rsplit("/", 1)[-1]
+        platform = json.loads(connection.getresponse().read()).get("platform", "")
+        engine = platform.rsplit("/", 1)[-1]
         connection.close()
         if engine == "numba" or time.monotonic() > deadline:
             return engine

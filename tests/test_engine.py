@@ -170,7 +170,7 @@ def test_models_the_native_walk_does_not_know_keep_their_engine():
             HistGradientBoostingClassifier(max_iter=5, categorical_features=[2]).fit(
                 categorical, (categorical[:, 2] == 1).astype(int)
             ),
-            "categorical splits",
+            "categorical",
         ),
         (
             make_pipeline(StandardScaler(), HistGradientBoostingClassifier(max_iter=5)).fit(
@@ -195,17 +195,18 @@ def test_a_native_walk_that_disagrees_is_not_used(registered):
 def test_a_late_native_build_never_brings_back_a_replaced_version(
     registered, monkeypatch: pytest.MonkeyPatch
 ):
-    """Version 1's walk finishes after version 2 is served: version 2 keeps serving and
-    gets its own walk."""
+    """Version 1's walk finishes after version 2 is served (whose own walk is refused, so
+    nothing overwrites a wrongly restored version 1): version 2 keeps serving."""
     release = threading.Event()
     original = model_module.with_native_trees
 
-    def slow_for_version_one(scorer, threshold, example, *args):
-        if threshold == 0.31:
-            assert release.wait(30)
+    def slow_for_one_refused_for_two(scorer, threshold, example, *args):
+        if threshold == 0.32:
+            return scorer, "refused for this test"
+        assert release.wait(30)
         return original(scorer, threshold, example, *args)
 
-    monkeypatch.setattr(model_module, "with_native_trees", slow_for_version_one)
+    monkeypatch.setattr(model_module, "with_native_trees", slow_for_one_refused_for_two)
     model = FraudModel("fraud", Settings())
 
     def loaded(version: str, threshold: str) -> registry.LoadedModel:
@@ -214,14 +215,13 @@ def test_a_late_native_build_never_brings_back_a_replaced_version(
         )
         return registry.LoadedModel(ref=ref, estimator=registered.estimator, input_example=None)
 
-    model.serve(loaded("1", "0.31"))
-    model.serve(loaded("2", "0.32"))
-    release.set()
-    deadline = time.monotonic() + 60
-    while model.serving.scorer.engine != NUMBA and time.monotonic() < deadline:
-        time.sleep(0.05)
-    model_module._native_builds.submit(lambda: None).result(30)  # version 1's build is done
-    assert model.serving.version == "2" and model.serving.scorer.engine == NUMBA
+    try:
+        model.serve(loaded("1", "0.31"))
+        model.serve(loaded("2", "0.32"))
+    finally:
+        release.set()
+    model_module._native_builds.submit(lambda: None).result(60)  # both builds are done
+    assert model.serving.version == "2" and model.serving.scorer.engine == TREELITE
 
 
 def test_without_numba_the_version_stays_on_treelite(registered, monkeypatch: pytest.MonkeyPatch):
@@ -235,3 +235,13 @@ def test_without_numba_the_version_stays_on_treelite(registered, monkeypatch: py
     kept, reason = with_native_trees(scorer, 0.5, None)
     assert kept is scorer and kept.engine == TREELITE
     assert reason == "cannot be compiled natively: ModuleNotFoundError: No module named 'numba'"
+
+
+def test_a_model_whose_categorical_columns_are_reordered_is_not_walked():
+    rng = np.random.default_rng(1)
+    features = rng.random((300, 10))
+    features[:, 9] = rng.integers(0, 3, 300)
+    labels = (features[:, 0] > 0.5).astype(int)  # learned from a numeric column only
+    estimator = HistGradientBoostingClassifier(max_iter=5, categorical_features=[9])
+    with pytest.raises(ValueError, match="reorders its categorical features"):
+        native_trees(estimator.fit(features, labels))

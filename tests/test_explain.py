@@ -69,7 +69,7 @@ def test_contributions_add_up_to_the_registered_models_own_raw_score(
         total = explanation["base_value"] + sum(contributions.values())
         assert total == pytest.approx(score, abs=1e-9)
         probability = explanation["fraud_probability"]
-        assert probability == prediction["fraud_probability"]
+        assert probability == pytest.approx(prediction["fraud_probability"], abs=1e-12)
         assert explanation["is_fraud"] == prediction["is_fraud"]
         assert total == pytest.approx(math.log(probability / (1 - probability)), abs=1e-6)
 
@@ -211,7 +211,10 @@ def test_serving_does_not_wait_for_the_explainer_and_explain_waits_for_its_own_v
         release.set()
         return scored, await asyncio.wait_for(explaining, 30)
 
-    scored, explained = asyncio.run(predict_then_explain())
+    try:
+        scored, explained = asyncio.run(predict_then_explain())
+    finally:
+        release.set()  # never leave the shared explainer thread blocked
     assert scored["model_version"] == explained["model_version"] == "5"
     assert explained["explanations"][0]["fraud_probability"] == pytest.approx(
         scored["predictions"][0]["fraud_probability"], abs=1e-12

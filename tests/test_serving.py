@@ -80,7 +80,14 @@ def test_v1_lists_in_field_order_answer_like_objects(served, example_transaction
     rows = [[txn[name] for name in FIELD_ORDER] for txn in objects]
     by_object = requests.post(v1_url(served), json={"instances": objects}).json()
     by_list = requests.post(v1_url(served), json={"instances": rows}).json()
-    assert by_list["predictions"] == by_object["predictions"]
+    # Within an ulp, not bit for bit: the numba engine takes over from treelite (which agree
+    # to 1e-9 by rule, ~4e-16 here) in the first second of serving.
+    assert [p["is_fraud"] for p in by_list["predictions"]] == [
+        p["is_fraud"] for p in by_object["predictions"]
+    ]
+    assert [p["fraud_probability"] for p in by_list["predictions"]] == pytest.approx(
+        [p["fraud_probability"] for p in by_object["predictions"]], abs=1e-12
+    )
 
 
 def test_v2_infer_returns_typed_outputs_version_and_echoes_id(
@@ -99,9 +106,9 @@ def test_v2_infer_returns_typed_outputs_version_and_echoes_id(
     assert outputs["is_fraud"]["datatype"] == "BOOL"
     assert outputs["is_fraud"]["shape"] == [5]
     v1 = requests.post(v1_url(served), json={"instances": transactions}).json()
-    assert outputs["fraud_probability"]["data"] == [
-        p["fraud_probability"] for p in v1["predictions"]
-    ]
+    assert outputs["fraud_probability"]["data"] == pytest.approx(
+        [p["fraud_probability"] for p in v1["predictions"]], abs=1e-12
+    )
 
 
 def test_v2_metadata_lists_exactly_the_inputs_and_outputs(served, champion):

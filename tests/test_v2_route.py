@@ -25,7 +25,9 @@ from kserve.protocol.rest.server import RESTServer
 from support import ORDINARY, SUSPICIOUS
 from test_hostile_input import BINARY, binary_request
 
+import predictor.model as model_module
 from predictor import codec, registry
+from predictor.engine import NUMBA
 from predictor.model import FraudModel
 from predictor.server import FraudDataPlane, add_middlewares, install_http_edges
 from predictor.settings import Settings
@@ -86,6 +88,9 @@ def model(mlflow_server, champion) -> FraudModel:
     ref = registry.resolve(registry.connect(mlflow_server.url), f"models:/{MODEL}@champion")
     served = FraudModel(MODEL, Settings())
     served.serve(registry.load(ref, mlflow_server.url))
+    # Both apps must score with one engine: numba takes over from treelite once built.
+    model_module._native_builds.submit(lambda: None).result(60)
+    assert served.serving.scorer.engine == NUMBA
     return served
 
 
