@@ -163,9 +163,10 @@ def native_trees(estimator: Any) -> Callable[[np.ndarray], np.ndarray]:
     trees = [predictors[0].nodes for predictors in model._predictors]
     if any(tree["is_categorical"].any() for tree in trees):
         raise ValueError("the trees have categorical splits")
-    roots = np.cumsum([0] + [len(tree) for tree in trees[:-1]]).astype(np.int64)
+    sizes = [len(tree) for tree in trees]
+    roots = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
     nodes = np.concatenate(trees)
-    shift = np.repeat(roots, [len(tree) for tree in trees])
+    shift = np.repeat(roots, sizes)  # node indices are per tree: make them global
 
     def column(name: str, dtype: type) -> np.ndarray:
         return np.ascontiguousarray(nodes[name], dtype=dtype)

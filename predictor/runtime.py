@@ -5,7 +5,9 @@ only when `--workers` asks for more than one.
 * `ready/`: one marker per worker process whose model is loaded, so server readiness
   means "every worker can answer", not "the worker that got the probe can".
 
-Kept free of any prometheus_client import: `prepare_run_dir` must run before it.
+Also what `python -m predictor` settles before its other imports: native thread pools and
+the import order (`import_model_loader`). Kept free of any prometheus_client import:
+`prepare_run_dir` must run before it.
 """
 
 from __future__ import annotations
