@@ -23,12 +23,13 @@ from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, In
 
 from predictor.schema import (
     FIELD_ORDER,
+    Columns,
     InvalidTransactions,
-    Transaction,
     instance_location,
     shown,
     shown_list,
-    validate_transactions,
+    validate_columns,
+    validate_rows,
 )
 
 #: V2 input tensors: one per transaction field, shape [n].
@@ -82,10 +83,18 @@ def _check_rows(count: int, where: str, max_rows: int) -> None:
 
 @dataclass(frozen=True)
 class Decoded:
-    """Validated transactions and the rows as the client sent them (for reason codes)."""
+    """A validated batch, and its values as the client sent them (reason codes quote them)."""
 
-    transactions: list[Transaction]
-    rows: list[dict[str, Any]]
+    columns: Columns
+    #: V1: the instances, as mappings; V2: each tensor's values.
+    sent: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]
+
+    def rows(self) -> list[Mapping[str, Any]]:
+        """The transactions as sent, one mapping per row."""
+        if not isinstance(self.sent, Mapping):
+            return list(self.sent)
+        values = zip(*(self.sent[name] for name in FIELD_ORDER), strict=True)
+        return [dict(zip(FIELD_ORDER, row, strict=True)) for row in values]
 
 
 def decode_v1(body: Any, max_rows: int) -> Decoded:
@@ -126,9 +135,10 @@ def decode_v1(body: Any, max_rows: int) -> Decoded:
             _refuse_unknown_fields(instance, index)
         rows.append(instance)
     try:
-        return Decoded(validate_transactions(rows), rows)
+        columns = validate_rows(rows)
     except InvalidTransactions as error:
         raise InvalidInput(str(error)) from None
+    return Decoded(columns, rows)
 
 
 def _refuse_unknown_fields(instance: dict[str, Any], index: int, limit: int = 5) -> None:
@@ -197,10 +207,8 @@ def decode_v2(request: InferRequest, max_rows: int) -> Decoded:
             )
         columns[tensor.name] = values
     _check_rows(length or 0, "inputs", max_rows)
-    ordered = [columns[name] for name in FIELD_ORDER]
-    rows = [dict(zip(FIELD_ORDER, values, strict=True)) for values in zip(*ordered, strict=True)]
     try:
-        return Decoded(validate_transactions(rows, locate=_tensor_location), rows)
+        return Decoded(validate_columns(columns, locate=_tensor_location), columns)
     except InvalidTransactions as error:
         raise InvalidInput(str(error)) from None
 

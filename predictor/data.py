@@ -26,9 +26,9 @@ import pandas as pd
 from predictor.schema import (
     FIELD_ORDER,
     MAX_DISTANCE_KM,
+    Columns,
     InvalidTransactions,
-    Transaction,
-    validate_transactions,
+    validate_columns,
 )
 
 LABEL = "is_fraud"
@@ -216,7 +216,7 @@ def read_transactions_csv(path: str | Path) -> pd.DataFrame:
     frame["card_present"] = _parse_bool(frame["card_present"], "card_present")
     if not frame[LABEL].isin([0, 1]).all():
         raise InvalidDataset(f"column {LABEL!r} must hold only 0 and 1")
-    to_transactions(frame)  # the server's rules; raises naming the first bad rows
+    to_columns(frame)  # the server's rules; raises naming the first bad rows
     return frame
 
 
@@ -227,21 +227,20 @@ def _csv_location(loc: tuple[int | str, ...]) -> str:
     return where + "".join(f", column {key!r}" for key in rest)
 
 
-def to_transactions(frame: pd.DataFrame) -> list[Transaction]:
-    """Validate a frame's rows as Transactions (training and serving share these rules)."""
-    records = frame[list(FIELD_ORDER)].to_dict(orient="records")
-    for record in records:  # numpy scalars -> Python, as JSON would give them
-        record["card_present"] = bool(record["card_present"])
-        for name in ("transactions_last_24h", "customer_age", "account_age_days"):
-            record[name] = int(record[name])
-        for name in ("amount", "distance_from_home_km"):
-            record[name] = float(record[name])
+def to_columns(frame: pd.DataFrame) -> Columns:
+    """Validate a frame's transactions (training and serving share these rules).
+
+    `tolist()` gives Python values, as JSON would: bool, int, float and str.
+    """
     try:
-        return validate_transactions(records, locate=_csv_location)
+        return validate_columns(
+            {name: frame[name].tolist() for name in FIELD_ORDER}, locate=_csv_location
+        )
     except InvalidTransactions as error:
         raise InvalidDataset(str(error)) from None
 
 
 def transaction_payloads(frame: pd.DataFrame) -> list[dict]:
     """Rows as the JSON objects a client sends (for examples, smoke, load and benchmarks)."""
-    return [txn.model_dump(mode="json") for txn in to_transactions(frame)]
+    to_columns(frame)
+    return frame[list(FIELD_ORDER)].to_dict(orient="records")

@@ -228,8 +228,8 @@ def _tree_walk() -> Callable[..., np.ndarray]:
 def generated_features() -> np.ndarray:
     """2,000 realistic transactions (10 % fraud patterns) as features: the paths the trees
     take in production, for the agreement check. Built once per process."""
-    from predictor.data import generate_transactions, to_transactions
+    from predictor.data import generate_transactions, to_columns
     from predictor.features import build_features
 
     frame = generate_transactions(rows=2_000, fraud_rate=0.1, seed=20261127)
-    return build_features(to_transactions(frame))
+    return build_features(to_columns(frame))

@@ -13,6 +13,7 @@ thread after the version is served (~0.4 s), never on the predict path.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -82,7 +83,7 @@ class Explainer:
 def explain_rows(
     explainer: Explainer,
     features: np.ndarray,
-    rows: list[dict[str, Any]],
+    rows: Sequence[Mapping[str, Any]],
     probabilities: np.ndarray,
     decisions: np.ndarray,
     version: str,

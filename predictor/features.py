@@ -7,12 +7,12 @@ frame form exists for the MLflow signature and for humans, with the same columns
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from predictor.schema import KNOWN_MERCHANT_CATEGORIES, OTHER_CATEGORY, Transaction
+from predictor.schema import KNOWN_MERCHANT_CATEGORIES, OTHER_CATEGORY, Columns
 
 #: Feature columns, in matrix order. Every column is float64 ("double" in the signature).
 FEATURE_NAMES: tuple[str, ...] = (
@@ -39,29 +39,31 @@ def category_code(merchant_category: str) -> float:
     return _CATEGORY_CODES.get(merchant_category.strip().lower(), _OTHER_CODE)
 
 
-def feature_row(txn: Transaction) -> tuple[float | int | bool, ...]:
-    """One transaction's features, in FEATURE_NAMES order (ints and bools become float64
-    in the matrix: exact for every value the schema admits)."""
-    local_time = txn.timestamp  # wall-clock time at the point of sale, per its offset
-    hour = local_time.hour
-    return (
-        math.log1p(txn.amount),
-        hour,
-        local_time.weekday(),
-        hour in NIGHT_HOURS,
-        txn.card_present,
-        txn.distance_from_home_km,
-        txn.transactions_last_24h,
-        txn.customer_age,
-        txn.account_age_days,
-        category_code(txn.merchant_category),
-    )
-
-
-def build_features(transactions: Sequence[Transaction]) -> np.ndarray:
-    """Feature matrix (n rows x len(FEATURE_NAMES)) for validated transactions."""
-    matrix = np.array([feature_row(txn) for txn in transactions], dtype=np.float64)
-    return matrix.reshape(len(transactions), len(FEATURE_NAMES))
+def build_features(columns: Columns) -> np.ndarray:
+    """Feature matrix (rows x FEATURE_NAMES) of a validated batch (see validate_columns);
+    ints and bools become float64: exact for every value the schema admits."""
+    local_times = columns["timestamp"]  # wall-clock time at the point of sale, per its offset
+    hours = [local_time.hour for local_time in local_times]
+    known = _CATEGORY_CODES
+    features: dict[str, list[Any]] = {
+        "log_amount": [math.log1p(amount) for amount in columns["amount"]],
+        "hour_of_day": hours,
+        "day_of_week": [local_time.weekday() for local_time in local_times],
+        "is_night": [hour in NIGHT_HOURS for hour in hours],
+        "card_present": columns["card_present"],
+        "distance_from_home_km": columns["distance_from_home_km"],
+        "transactions_last_24h": columns["transactions_last_24h"],
+        "customer_age": columns["customer_age"],
+        "account_age_days": columns["account_age_days"],
+        "merchant_category_code": [
+            known[name] if name in known else category_code(name)
+            for name in columns["merchant_category"]
+        ],
+    }
+    matrix = np.empty((len(hours), len(FEATURE_NAMES)), dtype=np.float64)
+    for index, name in enumerate(FEATURE_NAMES):
+        matrix[:, index] = features[name]
+    return matrix
 
 
 def feature_frame(matrix: np.ndarray) -> pd.DataFrame:

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -61,12 +61,12 @@ class Serving:
 
 @dataclass(frozen=True)
 class Batch:
-    """A validated request: its feature matrix, for V2 the request to answer, and the rows as
-    sent (reason codes quote them)."""
+    """A validated request: its feature matrix, for V2 the request to answer, and the
+    decoded transactions (reason codes quote them as sent)."""
 
     features: np.ndarray
     v2_request: InferRequest | None
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    decoded: codec.Decoded
 
 
 class FraudModel(Model):
@@ -202,9 +202,9 @@ class FraudModel(Model):
         max_rows = self.settings.max_batch_rows
         if isinstance(payload, InferRequest):
             decoded = codec.decode_v2(payload, max_rows)
-            return Batch(build_features(decoded.transactions), payload, decoded.rows)
+            return Batch(build_features(decoded.columns), payload, decoded)
         decoded = codec.decode_v1(payload, max_rows)
-        return Batch(build_features(decoded.transactions), None, decoded.rows)
+        return Batch(build_features(decoded.columns), None, decoded)
 
     async def predict(
         self,
@@ -314,9 +314,10 @@ def _explain(serving: Serving, batch: Batch) -> list[dict[str, Any]]:
         ) from None
     probabilities = _checked_probabilities(serving, batch.features)
     decisions = probabilities >= serving.threshold
+    rows = batch.decoded.rows()
     try:
         return explain_rows(
-            explainer, batch.features, batch.rows, probabilities, decisions, serving.version
+            explainer, batch.features, rows, probabilities, decisions, serving.version
         )
     except ExplainerUnavailable as error:
         raise InferenceError(f"model version {serving.version}: {error}") from None

@@ -1,25 +1,30 @@
-"""The transaction a client sends: one pydantic model holds every rule.
+"""The transaction a client sends: its field types hold every rule, and the Transaction
+model puts them together.
 
-Training validates its data with the same model, so a row the server would reject can
-never be learned from, and the error messages name the field and the broken rule.
+A batch is validated column by column with the same field types, and training validates
+its data the same way, so a row the server would reject can never be learned from. The
+error messages name the row, the field and the broken rule.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Annotated, Any
+from operator import itemgetter
+from typing import Annotated, Any, NoReturn, get_type_hints
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
     StrictInt,
     TypeAdapter,
     ValidationError,
-    field_validator,
 )
+from typing_extensions import TypedDict
 
 #: Merchant categories the model knows. Anything else is accepted and scored as "other".
 KNOWN_MERCHANT_CATEGORIES: tuple[str, ...] = (
@@ -53,58 +58,80 @@ Amount = Annotated[float, Field(strict=True, gt=0, le=MAX_AMOUNT, allow_inf_nan=
 Distance = Annotated[float, Field(strict=True, ge=0, le=MAX_DISTANCE_KM, allow_inf_nan=False)]
 
 
+def _timestamp_is_text(value: Any) -> Any:
+    """Refuse epoch numbers and other non-strings that pydantic would coerce."""
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO-8601 date-time string with a UTC offset")
+    if len(value) > MAX_TIMESTAMP_CHARS:
+        raise ValueError(f"must be at most {MAX_TIMESTAMP_CHARS} characters")
+    if "T" not in value and " " not in value:
+        raise ValueError("must be a date-time with hours and a UTC offset, not a date")
+    return value
+
+
+def _printable_text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    if not value.isprintable():
+        raise ValueError("must not contain control characters")
+    return value
+
+
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_timestamp_is_text)]
+MerchantCategory = Annotated[
+    str,
+    Field(strict=True, min_length=1, max_length=MAX_CATEGORY_CHARS),
+    AfterValidator(_printable_text),
+]
+TransactionCount = Annotated[StrictInt, Field(ge=0, le=MAX_TRANSACTIONS_24H)]
+CustomerAge = Annotated[StrictInt, Field(ge=18, le=120)]
+AccountAge = Annotated[StrictInt, Field(ge=0, le=MAX_ACCOUNT_AGE_DAYS)]
+
+
 class Transaction(BaseModel):
-    """A card transaction as a client sends it; unknown fields are refused, not ignored."""
+    """A card transaction as a client sends it; unknown fields are refused, not ignored.
+
+    The field types carry every rule, so a batch validated column by column (see
+    validate_columns) obeys exactly the rules of this model.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     amount: Amount = Field(description="Amount charged, in the card's currency; > 0.")
-    timestamp: AwareDatetime = Field(
+    timestamp: Timestamp = Field(
         description="ISO-8601 date-time with UTC offset; the local hour is the offset's."
     )
-    merchant_category: Annotated[
-        str, Field(strict=True, min_length=1, max_length=MAX_CATEGORY_CHARS)
-    ] = Field(description="Merchant category; unknown categories are scored as 'other'.")
+    merchant_category: MerchantCategory = Field(
+        description="Merchant category; unknown categories are scored as 'other'."
+    )
     card_present: StrictBool = Field(description="True when the card was physically present.")
     distance_from_home_km: Distance = Field(
         description="Distance between the point of sale and the cardholder's home, km."
     )
-    transactions_last_24h: Annotated[StrictInt, Field(ge=0, le=MAX_TRANSACTIONS_24H)] = Field(
+    transactions_last_24h: TransactionCount = Field(
         description="Transactions on this card in the preceding 24 hours."
     )
-    customer_age: Annotated[StrictInt, Field(ge=18, le=120)] = Field(
-        description="Cardholder age in years, 18-120."
-    )
-    account_age_days: Annotated[StrictInt, Field(ge=0, le=MAX_ACCOUNT_AGE_DAYS)] = Field(
-        description="Days since the account was opened."
-    )
-
-    @field_validator("timestamp", mode="before")
-    @classmethod
-    def _timestamp_is_text(cls, value: Any) -> Any:
-        """Refuse epoch numbers and other non-strings that pydantic would coerce."""
-        if not isinstance(value, str):
-            raise ValueError("must be an ISO-8601 date-time string with a UTC offset")
-        if len(value) > MAX_TIMESTAMP_CHARS:
-            raise ValueError(f"must be at most {MAX_TIMESTAMP_CHARS} characters")
-        if "T" not in value and " " not in value:
-            raise ValueError("must be a date-time with hours and a UTC offset, not a date")
-        return value
-
-    @field_validator("merchant_category")
-    @classmethod
-    def _category_is_printable_text(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be blank")
-        if not value.isprintable():
-            raise ValueError("must not contain control characters")
-        return value
+    customer_age: CustomerAge = Field(description="Cardholder age in years, 18-120.")
+    account_age_days: AccountAge = Field(description="Days since the account was opened.")
 
 
 #: The documented field order for V1 rows sent as lists.
 FIELD_ORDER: tuple[str, ...] = tuple(Transaction.model_fields)
 
-_BATCH = TypeAdapter(list[Transaction])
+#: A validated batch: each field's values, in row order.
+Columns = dict[str, list[Any]]
+
+_ROWS = TypeAdapter(list[Transaction])
+#: The same field types, one list per field: a batch is validated column by column, which
+#: costs a third of validating it row by row (no model instance per row).
+_FIELD_TYPES = get_type_hints(Transaction, include_extras=True)
+_COLUMNS = TypeAdapter(
+    TypedDict(  # type: ignore[misc]
+        "TransactionColumns", {name: list[_FIELD_TYPES[name]] for name in FIELD_ORDER}
+    )
+)
+_FIELD_INDEX = {name: index for index, name in enumerate(FIELD_ORDER)}
+_fields_of = itemgetter(*FIELD_ORDER)
 
 
 class InvalidTransactions(ValueError):
@@ -170,13 +197,53 @@ def describe_errors(
     return "; ".join(parts)
 
 
-def validate_transactions(
-    rows: Sequence[Any], locate: Locate = instance_location
-) -> list[Transaction]:
-    """Validate a whole batch of mappings at once; raise with every problem named."""
+def validate_rows(rows: Sequence[Any], locate: Locate = instance_location) -> Columns:
+    """Validate a batch of mappings (V1 instances, records) with every problem named.
+
+    Rows with exactly the transaction's fields are validated as columns; a batch with a
+    row that misses a field, has an unknown one or is not a mapping is refused by the
+    Transaction model, which names what is wrong with every row.
+    """
     try:
-        return _BATCH.validate_python(rows)
+        values = [_fields_of(row) for row in rows]
+        uniform = all(len(row) == len(FIELD_ORDER) for row in rows)
+    except (KeyError, TypeError):
+        uniform = False
+    if not uniform:
+        _refuse_rows(rows, locate)
+    columns = zip(*values, strict=True) if values else ([] for _ in FIELD_ORDER)
+    return validate_columns(dict(zip(FIELD_ORDER, columns, strict=True)), locate)
+
+
+def validate_columns(
+    columns: Mapping[str, Sequence[Any]], locate: Locate = instance_location
+) -> Columns:
+    """Validate a batch given as one equally long sequence per field (V2 tensors, frames).
+
+    Errors are named and ordered as row-by-row validation would: by row, then by field.
+    """
+    try:
+        return _COLUMNS.validate_python({name: columns[name] for name in FIELD_ORDER})
+    except ValidationError as error:
+        items = [
+            {**item, "loc": _row_first(tuple(item["loc"]))}
+            for item in error.errors(include_url=False)
+        ]
+        items.sort(key=lambda item: (item["loc"][0], _FIELD_INDEX[item["loc"][1]]))
+        raise InvalidTransactions(describe_errors(items, locate)) from None
+
+
+def _row_first(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """pydantic's ``("amount", 3)`` for a column -> ``(3, "amount")``, as for a row."""
+    field, *rest = loc
+    return (*rest, field) if rest else (-1, field)
+
+
+def _refuse_rows(rows: Sequence[Any], locate: Locate) -> NoReturn:
+    try:
+        _ROWS.validate_python(rows)
     except ValidationError as error:
         raise InvalidTransactions(
             describe_errors(error.errors(include_url=False), locate)
         ) from None
+    raise AssertionError("rows without exactly the transaction's fields passed validation")

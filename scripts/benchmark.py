@@ -53,7 +53,7 @@ from processes import (
 from predictor.codec import v2_request_body
 from predictor.data import generate_transactions, transaction_payloads
 from predictor.features import FEATURE_NAMES, build_features
-from predictor.schema import validate_transactions
+from predictor.schema import validate_rows
 
 MODEL = "fraud-detector"
 
@@ -91,7 +91,7 @@ def body_for(protocol: str, transactions: list[dict]) -> bytes:
         return json.dumps({"instances": transactions}).encode()
     if protocol == "v2":
         return json.dumps(v2_request_body(transactions)).encode()
-    features = build_features(validate_transactions(transactions))
+    features = build_features(validate_rows(transactions))
     if protocol == "features":  # the plain KServe predictor: feature rows as V1 instances
         return json.dumps({"instances": features.tolist()}).encode()
     return json.dumps(
@@ -387,7 +387,7 @@ def engine_floors(tracking_uri: str, payloads: list[dict]) -> list[str]:
         engines["numba (native)"] = native.native
     lines = [f"not used: {why}" for why in (reason, native_reason) if why is not None]
     for rows in (1, 100):
-        features = build_features(validate_transactions(payloads[:rows]))
+        features = build_features(validate_rows(payloads[:rows]))
         for name, score in engines.items():
             timings = []
             for _ in range(300):

@@ -8,7 +8,7 @@ from predictor.data import (
     InvalidDataset,
     generate_transactions,
     read_transactions_csv,
-    to_transactions,
+    to_columns,
 )
 
 
@@ -29,7 +29,7 @@ def test_generator_hits_requested_fraud_rate(fraud_rate):
 
 def test_generated_rows_pass_the_servers_rules():
     frame = generate_transactions(rows=5_000, seed=5)
-    assert len(to_transactions(frame)) == 5_000
+    assert all(len(values) == 5_000 for values in to_columns(frame).values())
 
 
 def test_fraud_shows_the_documented_patterns_more_often():

@@ -32,7 +32,7 @@ from predictor.engine import (
 )
 from predictor.features import build_features
 from predictor.model import FraudModel
-from predictor.schema import validate_transactions
+from predictor.schema import validate_rows
 from predictor.settings import Settings
 
 
@@ -113,9 +113,7 @@ def test_the_server_reports_its_engine_and_scores_like_scikit_learn(served, regi
         json={"instances": transactions},
         timeout=10,
     ).json()
-    expected = registered.estimator.predict_proba(
-        build_features(validate_transactions(transactions))
-    )[:, 1]
+    expected = registered.estimator.predict_proba(build_features(validate_rows(transactions)))[:, 1]
     served_probabilities = [p["fraud_probability"] for p in answer["predictions"]]
     assert np.max(np.abs(np.array(served_probabilities) - expected)) <= 1e-9
 

@@ -21,8 +21,8 @@ from test_serving import BAD_INPUTS, V1
 from predictor import registry
 from predictor.explain import TOP_REASONS
 from predictor.features import build_features
-from predictor.model import Batch, FraudModel
-from predictor.schema import FIELD_ORDER, validate_transactions
+from predictor.model import FraudModel
+from predictor.schema import FIELD_ORDER, validate_rows
 from predictor.settings import Settings
 
 MODEL = "fraud-detector"
@@ -57,7 +57,7 @@ def test_contributions_add_up_to_the_registered_models_own_raw_score(
     body = explained(served.url, rows)
     registry.connect(mlflow_server.url)
     independent = mlflow.sklearn.load_model(f"models:/{MODEL}/{champion.version}")
-    raw = independent.decision_function(build_features(validate_transactions(rows)))
+    raw = independent.decision_function(build_features(validate_rows(rows)))
     predicted = requests.post(
         f"{served.url}/v1/models/{MODEL}:predict", json={"instances": rows}, timeout=30
     ).json()["predictions"]
@@ -170,7 +170,7 @@ def test_a_version_the_explainer_cannot_walk_still_predicts_and_explain_says_why
     ref = registry.ModelRef("models:/x@live", "models:/x/4", "x", "4", "live", "run", "0.5")
     model = FraudModel("fraud", Settings())
     model.serve(registry.LoadedModel(ref=ref, estimator=estimator, input_example=None))
-    batch = Batch(build_features(validate_transactions([SUSPICIOUS])), None, [SUSPICIOUS])
+    batch = asyncio.run(model.preprocess({"instances": [SUSPICIOUS]}))
     scored = asyncio.run(model.predict(batch))
     assert scored["model_version"] == "4"
     with pytest.raises(NotImplementedError, match="version 4 cannot be explained: the pipeline"):
@@ -201,7 +201,7 @@ def test_serving_does_not_wait_for_the_explainer_and_explain_waits_for_its_own_v
     model = FraudModel("fraud", Settings())
     model.serve(registry.LoadedModel(ref=ref, estimator=estimator, input_example=None))
     assert model.ready and building.wait(30)
-    batch = Batch(build_features(validate_transactions([SUSPICIOUS])), None, [SUSPICIOUS])
+    batch = asyncio.run(model.preprocess({"instances": [SUSPICIOUS]}))
 
     async def predict_then_explain() -> tuple[dict, dict]:
         scored = await model.predict(batch)

@@ -21,8 +21,8 @@ from support import register_quick_model
 from predictor import metrics, registry
 from predictor.features import build_features, feature_frame
 from predictor.lifecycle import ModelWatcher
-from predictor.model import Batch, FraudModel
-from predictor.schema import validate_transactions
+from predictor.model import FraudModel
+from predictor.schema import validate_rows
 from predictor.settings import Settings
 
 
@@ -78,7 +78,7 @@ def test_non_numeric_threshold_tag_is_a_failed_version_not_a_registry_error(mlfl
 
 
 def save(model_dir, estimator, **kwargs):
-    frame = feature_frame(build_features(validate_transactions([GOOD] * 4)))
+    frame = feature_frame(build_features(validate_rows([GOOD] * 4)))
     mlflow.sklearn.save_model(
         estimator,
         str(model_dir),
@@ -134,7 +134,7 @@ def test_live_scores_that_are_not_probabilities_are_refused_and_counted():
     model.serve(
         registry.LoadedModel(ref=ref(), estimator=corrupted_classifier(), input_example=None)
     )
-    batch = Batch(build_features(validate_transactions([GOOD, GOOD])), None)
+    batch = asyncio.run(model.preprocess({"instances": [GOOD, GOOD]}))
     counted = metrics.INVALID_OUTPUTS.labels(version="3")._value.get()
     rows = metrics.REQUEST_ROWS._sum.get()
     with pytest.raises(InferenceError, match="model version 3 returned scores that are not"):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from predictor.codec import V2_INPUTS
-from predictor.schema import validate_transactions
+from predictor.schema import validate_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_smoke_test_speaks_the_servers_schema():
     """The script is standard-library only, so it keeps its own copy of the schema."""
     module = load_smoke_module()
     assert module.V2_TYPES == V2_INPUTS
-    assert len(validate_transactions([module.FRAUDULENT, module.ORDINARY])) == 2
+    assert len(validate_rows([module.FRAUDULENT, module.ORDINARY])["amount"]) == 2
 
 
 def test_smoke_test_passes_against_a_running_predictor(served):

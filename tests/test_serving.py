@@ -26,7 +26,7 @@ from predictor import registry
 from predictor.codec import V2_INPUTS, v2_request_body
 from predictor.features import FEATURE_NAMES, build_features, feature_frame
 from predictor.model import FraudModel
-from predictor.schema import FIELD_ORDER, validate_transactions
+from predictor.schema import FIELD_ORDER, validate_rows
 from predictor.settings import Settings
 
 MODEL = "fraud-detector"
@@ -48,7 +48,7 @@ def registered_models_own_probabilities(mlflow_url: str, transactions: list[dict
     """The registered model through MLflow's own loader (pyfunc predict_fn=predict_proba)."""
     registry.connect(mlflow_url)
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
-    frame = feature_frame(build_features(validate_transactions(transactions)))
+    frame = feature_frame(build_features(validate_rows(transactions)))
     return np.asarray(model.predict(frame))[:, 1]
 
 

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from predictor import registry
-from predictor.data import LABEL, generate_transactions, to_transactions
+from predictor.data import LABEL, generate_transactions, to_columns
 from predictor.features import build_features
 from predictor.settings import embedded_artifact_location, embedded_tracking_uri
 from predictor.training import TrainingConfig, TrainingResult, train_and_register
@@ -85,7 +85,7 @@ def test_model_separates_fraud_on_held_out_generated_data(store: Store):
     ref = registry.resolve(store.client, f"models:/{NAME}@champion")
     estimator = registry.load(ref, store.uri).estimator
     held_out = generate_transactions(rows=30_000, fraud_rate=0.02, seed=2024)
-    scores = estimator.predict_proba(build_features(to_transactions(held_out)))[:, 1]
+    scores = estimator.predict_proba(build_features(to_columns(held_out)))[:, 1]
     roc_auc = roc_auc_score(held_out[LABEL], scores)
     pr_auc = average_precision_score(held_out[LABEL], scores)
     print(f"held-out ROC-AUC {roc_auc:.3f}, PR-AUC {pr_auc:.3f}, fraud rate 0.02")

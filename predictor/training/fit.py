@@ -14,7 +14,7 @@ from predictor.data import (
     InvalidDataset,
     generate_transactions,
     read_transactions_csv,
-    to_transactions,
+    to_columns,
 )
 from predictor.features import build_features
 from predictor.training.config import Splits, TrainingConfig
@@ -31,7 +31,7 @@ def split(frame, config: TrainingConfig) -> Splits:
     """Stratified train/validation/test split of features built by the shared module."""
     from sklearn.model_selection import train_test_split
 
-    x = build_features(to_transactions(frame))
+    x = build_features(to_columns(frame))
     y = frame[LABEL].to_numpy(dtype=np.int64)
     if len(np.unique(y)) < 2 or np.bincount(y).min() < 5:
         raise InvalidDataset("the data needs at least 5 fraudulent and 5 legitimate rows")
