@@ -163,24 +163,7 @@ def native_trees(estimator: Any) -> Callable[[np.ndarray], np.ndarray]:
     trees = [predictors[0].nodes for predictors in model._predictors]
     if any(tree["is_categorical"].any() for tree in trees):
         raise ValueError("the trees have categorical splits")
-    sizes = [len(tree) for tree in trees]
-    roots = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
-    nodes = np.concatenate(trees)
-    shift = np.repeat(roots, sizes)  # node indices are per tree: make them global
-
-    def column(name: str, dtype: type) -> np.ndarray:
-        return np.ascontiguousarray(nodes[name], dtype=dtype)
-
-    arrays = (
-        roots,
-        column("feature_idx", np.int64),
-        column("num_threshold", np.float64),
-        column("missing_go_to_left", np.bool_),
-        np.ascontiguousarray(nodes["left"] + shift, dtype=np.int64),
-        np.ascontiguousarray(nodes["right"] + shift, dtype=np.int64),
-        column("is_leaf", np.bool_),
-        column("value", np.float64),
-    )
+    arrays = _breadth_first(trees)
     baseline = float(np.ravel(model._baseline_prediction)[0])
     width = model.n_features_in_
     walk = _tree_walk()
@@ -193,32 +176,77 @@ def native_trees(estimator: Any) -> Callable[[np.ndarray], np.ndarray]:
     return fraud_probability
 
 
+def _breadth_first(trees: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """All trees' nodes in one set of arrays, each tree breadth first, so that a node's two
+    children are neighbours: the walk steps to ``child + goes_right`` without a branch.
+
+    Returns each tree's root, then per node: the feature it splits on (-1 for a leaf), its
+    threshold (a leaf's value), its left child, and whether missing values go left.
+    """
+    roots: list[int] = []
+    order = []
+    start = 0
+    for tree in trees:
+        queue = [0]
+        for node in queue:  # grows while it is read: breadth first
+            if not tree["is_leaf"][node]:
+                queue += [int(tree["left"][node]), int(tree["right"][node])]
+        position = np.full(len(tree), -1, dtype=np.int64)
+        position[queue] = np.arange(start, start + len(queue))
+        nodes = tree[queue]
+        leaf = nodes["is_leaf"].astype(bool)
+        roots.append(start)
+        order.append(
+            (
+                np.where(leaf, -1, nodes["feature_idx"]),
+                np.where(leaf, nodes["value"], nodes["num_threshold"]),
+                np.where(leaf, -1, position[nodes["left"]]),
+                nodes["missing_go_to_left"].astype(bool),
+            )
+        )
+        start += len(queue)
+    feature, threshold, left, missing_left = (
+        np.concatenate(parts) for parts in zip(*order, strict=True)
+    )
+    return (
+        np.asarray(roots, dtype=np.int64),
+        np.ascontiguousarray(feature, dtype=np.int64),
+        np.ascontiguousarray(threshold, dtype=np.float64),
+        np.ascontiguousarray(left, dtype=np.int64),
+        np.ascontiguousarray(missing_left, dtype=np.bool_),
+    )
+
+
 @cache
 def _tree_walk() -> Callable[..., np.ndarray]:
-    """The compiled walk (numba compiles it here, once per process: ~0.4 s)."""
+    """The compiled walk (numba compiles it here, once per process: ~0.4 s).
+
+    Tree by tree, every row: one tree's nodes stay in cache for the whole batch. Each row's
+    leaf values are still added in tree order, as scikit-learn adds them.
+    """
     import numba
 
     @numba.njit(
-        "float64[::1](float64[:, ::1], int64[::1], int64[::1], float64[::1], boolean[::1], "
-        "int64[::1], int64[::1], boolean[::1], float64[::1], float64)",
+        "float64[::1](float64[:, ::1], int64[::1], int64[::1], float64[::1], int64[::1], "
+        "boolean[::1], float64)",
         nogil=True,
     )
-    def walk(rows, roots, feature, threshold, missing_left, left, right, is_leaf, value, base):
-        scores = np.empty(rows.shape[0])
-        for i in range(rows.shape[0]):
-            raw = base
-            for root in roots:
+    def walk(rows, roots, feature, threshold, left, missing_left, base):
+        raw = np.full(rows.shape[0], base)
+        for root in roots:
+            for i in range(rows.shape[0]):
                 node = root
-                while not is_leaf[node]:
-                    x = rows[i, feature[node]]
-                    if np.isnan(x):
-                        node = left[node] if missing_left[node] else right[node]
-                    elif x <= threshold[node]:
-                        node = left[node]
-                    else:
-                        node = right[node]
-                raw += value[node]
-            scores[i] = 1.0 / (1.0 + np.exp(-raw))
+                split = feature[node]
+                while split >= 0:
+                    x = rows[i, split]
+                    # NaN fails every comparison: it goes where the tree learned to send it.
+                    right = x > threshold[node] or (np.isnan(x) and not missing_left[node])
+                    node = left[node] + right
+                    split = feature[node]
+                raw[i] += threshold[node]
+        scores = np.empty_like(raw)
+        for i in range(raw.shape[0]):
+            scores[i] = 1.0 / (1.0 + np.exp(-raw[i]))
         return scores
 
     return walk
