@@ -21,6 +21,7 @@ import predictor.model as model_module
 from predictor import registry
 from predictor.engine import (
     COMPILED_MAX_ROWS,
+    MASKS_MIN_ROWS,
     NUMBA,
     SKLEARN,
     TREELITE,
@@ -123,7 +124,8 @@ def test_the_native_walk_agrees_with_scikit_learn_on_every_batch_size(registered
     native, reason = with_native_trees(scorer, champion.threshold, registered.input_example)
     assert reason is None and native.engine == NUMBA
     rows = generated_features()
-    for size in (1, 7, COMPILED_MAX_ROWS, COMPILED_MAX_ROWS + 1, 500, len(rows)):
+    sizes = (*range(1, 2 * MASKS_MIN_ROWS + 10), COMPILED_MAX_ROWS + 1, 100, 500, len(rows))
+    for size in sizes:  # both kernels, and every remainder of the padded one
         expected = registered.estimator.predict_proba(rows[:size])[:, 1]
         actual = native.fraud_probability(rows[:size])
         assert np.max(np.abs(actual - expected)) <= 1e-9, size
@@ -148,8 +150,36 @@ def test_the_native_walk_sends_missing_values_where_each_tree_learned_to():
     walk = native_trees(estimator)
     expected = estimator.predict_proba(features)[:, 1]
     assert np.max(np.abs(walk(features) - expected)) <= 1e-12
+    one_by_one = np.concatenate([walk(features[i : i + 1]) for i in range(200)])
+    assert np.max(np.abs(one_by_one - expected[:200])) <= 1e-12
     with pytest.raises(ValueError, match="expected 4 feature columns"):
         walk(features[:, :3])
+
+
+@pytest.mark.parametrize(
+    ("leaves", "features_used"),
+    [(2, 10), (64, 10), (65, 10), (200, 10), (31, 1)],
+    ids=["stumps", "64-leaf trees", "65 leaves: walked only", "200 leaves", "one feature"],
+)
+def test_every_tree_shape_is_scored_like_scikit_learn_whole_and_row_by_row(leaves, features_used):
+    """Batches from MASKS_MIN_ROWS rows are scored by leaf elimination when every tree has
+    at most 64 leaves, smaller batches and bigger trees by the walk."""
+    rng = np.random.default_rng(leaves)
+    features = rng.random((3000, 10))
+    features[:, features_used:] = 0.5  # constant columns: never split on
+    labels = (features[:, 0] + rng.normal(0, 0.2, 3000) > 0.5).astype(int)
+    estimator = HistGradientBoostingClassifier(
+        max_iter=15, max_leaf_nodes=leaves, min_samples_leaf=2, random_state=0
+    ).fit(features, labels)
+    most_leaves = max(int(p[0].nodes["is_leaf"].sum()) for p in estimator._predictors)
+    assert most_leaves == leaves or (leaves == 65 and most_leaves > 64)
+    native = native_trees(estimator)
+    expected = estimator.predict_proba(features)[:, 1]
+    for size in (1, MASKS_MIN_ROWS - 1, MASKS_MIN_ROWS, 9, 100, len(features)):
+        actual = np.concatenate(
+            [native(features[i : i + size]) for i in range(0, 400 if size < 100 else 3000, size)]
+        )
+        assert np.array_equal(actual, expected[: len(actual)]), size
 
 
 def test_models_the_native_walk_does_not_know_keep_their_engine():
