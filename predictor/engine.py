@@ -38,6 +38,9 @@ COMPILED_MAX_ROWS = 64
 #: takes 1.5 µs for 1 row, 4.3 for 4, 12 for 8 and 130 for 100; elimination 4.5 µs up
 #: to 8 rows and 20 for 100.
 MASKS_MIN_ROWS = 4
+#: Leaf elimination scores a large batch in slices of this many rows (as fast as whole:
+#: 1.8-2.0 ms for 10,000 rows), so its memory stays ~4 KiB per tree however big the batch.
+MASKS_MAX_ROWS = 512
 #: Largest difference from scikit-learn's probability that a compiled version may show.
 AGREEMENT = 1e-9
 
@@ -188,10 +191,13 @@ def native_trees(estimator: Any) -> Callable[[np.ndarray], np.ndarray]:
     def fraud_probability(features: np.ndarray) -> np.ndarray:
         if features.ndim != 2 or features.shape[1] != width:
             raise ValueError(f"expected {width} feature columns, got shape {features.shape}")
-        rows = np.ascontiguousarray(features, dtype=np.float64)
-        if eliminate is not None and len(rows) >= MASKS_MIN_ROWS:
-            return eliminate(rows, *masks, baseline)
-        return walk(rows, *nodes, baseline)
+        rows = np.require(features, np.float64, ["C_CONTIGUOUS", "WRITEABLE"])
+        if eliminate is None or len(rows) < MASKS_MIN_ROWS:
+            return walk(rows, *nodes, baseline)
+        # In slices: the candidates take 8 bytes per tree and row.
+        slices = range(0, len(rows), MASKS_MAX_ROWS)
+        scores = [eliminate(rows[i : i + MASKS_MAX_ROWS], *masks, baseline) for i in slices]
+        return scores[0] if len(scores) == 1 else np.concatenate(scores)
 
     return fraud_probability
 

@@ -21,6 +21,7 @@ import predictor.model as model_module
 from predictor import registry
 from predictor.engine import (
     COMPILED_MAX_ROWS,
+    MASKS_MAX_ROWS,
     MASKS_MIN_ROWS,
     NUMBA,
     SKLEARN,
@@ -161,9 +162,28 @@ def test_the_native_walk_sends_missing_values_where_each_tree_learned_to():
     [(2, 10), (64, 10), (65, 10), (200, 10), (31, 1)],
     ids=["stumps", "64-leaf trees", "65 leaves: walked only", "200 leaves", "one feature"],
 )
-def test_every_tree_shape_is_scored_like_scikit_learn_whole_and_row_by_row(leaves, features_used):
-    """Batches from MASKS_MIN_ROWS rows are scored by leaf elimination when every tree has
-    at most 64 leaves, smaller batches and bigger trees by the walk."""
+def test_every_tree_shape_is_scored_like_scikit_learn_by_the_kernel_meant_for_it(
+    leaves, features_used, monkeypatch: pytest.MonkeyPatch
+):
+    """Batches from MASKS_MIN_ROWS rows are scored by leaf elimination (in slices of at most
+    MASKS_MAX_ROWS) when every tree has at most 64 leaves; smaller batches and bigger trees
+    are walked. Whichever kernel scores, the probabilities are scikit-learn's to the bit."""
+    calls: list[tuple[str, int]] = []
+
+    def recorded(name: str, build):
+        def build_recording():
+            kernel = build()
+
+            def record(rows, *arrays):
+                calls.append((name, len(rows)))
+                return kernel(rows, *arrays)
+
+            return record
+
+        return build_recording
+
+    monkeypatch.setattr(engine, "_tree_walk", recorded("walk", engine._tree_walk))
+    monkeypatch.setattr(engine, "_leaf_elimination", recorded("masks", engine._leaf_elimination))
     rng = np.random.default_rng(leaves)
     features = rng.random((3000, 10))
     features[:, features_used:] = 0.5  # constant columns: never split on
@@ -176,10 +196,16 @@ def test_every_tree_shape_is_scored_like_scikit_learn_whole_and_row_by_row(leave
     native = native_trees(estimator)
     expected = estimator.predict_proba(features)[:, 1]
     for size in (1, MASKS_MIN_ROWS - 1, MASKS_MIN_ROWS, 9, 100, len(features)):
+        calls.clear()
         actual = np.concatenate(
             [native(features[i : i + size]) for i in range(0, 400 if size < 100 else 3000, size)]
         )
         assert np.array_equal(actual, expected[: len(actual)]), size
+        if size < MASKS_MIN_ROWS or most_leaves > 64:
+            assert {name for name, _ in calls} == {"walk"}, size
+        else:
+            assert {name for name, _ in calls} == {"masks"}, size
+            assert max(rows for _, rows in calls) == min(size, MASKS_MAX_ROWS), size
 
 
 def test_models_the_native_walk_does_not_know_keep_their_engine():

@@ -125,6 +125,22 @@ def test_features_use_local_wall_clock_and_map_unknown_category_to_other():
 ROW_BY_ROW = TypeAdapter(list[Transaction])
 
 
+def test_every_rule_lives_in_the_field_types():
+    """Batches are validated with the fields' own types: a model-level or decorator
+    validator would be skipped there, so the model must have none."""
+    decorators = Transaction.__pydantic_decorators__
+    assert not decorators.validators and not decorators.field_validators
+    assert not decorators.root_validators and not decorators.model_validators
+
+
+def test_rows_that_are_not_plain_mappings_are_validated_by_the_model():
+    (txn,) = ROW_BY_ROW.validate_python([GOOD])
+    columns = validate_rows([txn])
+    assert columns == validate_rows([GOOD])
+    with pytest.raises(InvalidTransactions, match=r"instances\[1\]: Input should be a valid"):
+        validate_rows([GOOD, "not a row"])
+
+
 def validated_row_by_row(rows: list[dict]) -> list[Transaction] | str:
     """The Transaction model's verdict on each row: the models, or the error message."""
     try:

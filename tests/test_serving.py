@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import subprocess
 import sys
-import time
+import threading
 
 import mlflow
 import numpy as np
@@ -19,13 +18,14 @@ from kserve import (
     InferRequest,
     RESTConfig,
 )
+from sklearn.ensemble import HistGradientBoostingClassifier
 from support import ORDINARY as GOOD
 from support import free_port
 
 from predictor import registry
 from predictor.codec import V2_INPUTS, v2_request_body
 from predictor.features import FEATURE_NAMES, build_features, feature_frame
-from predictor.model import FraudModel
+from predictor.model import INLINE_MAX_BODY_BYTES, INLINE_MAX_ROWS, FraudModel
 from predictor.schema import FIELD_ORDER, validate_rows
 from predictor.settings import Settings
 
@@ -244,26 +244,48 @@ def test_v2_over_grpc_answers_like_v1(start_predictor, mlflow_server, example_tr
         np.testing.assert_allclose(outputs["fraud_probability"], expected, rtol=0, atol=1e-12)
 
 
-def test_one_large_batch_does_not_stall_health_checks(served, example_transactions):
-    """Health answers arrive while 10,000-row batches are being scored."""
-    big = {"instances": (example_transactions * 25)[:10_000]}
+def test_large_requests_are_decoded_and_scored_off_the_event_loop(monkeypatch):
+    """Up to INLINE_MAX_ROWS rows and INLINE_MAX_BODY_BYTES bytes are validated and scored on
+    the event loop (cheaper than a thread hop); anything larger in the thread pool, so a big
+    batch never holds up health checks (test_hostile_input.py polls them over HTTP)."""
+    import predictor.model as model_module
 
-    def score() -> float:
-        response = requests.post(v1_url(served), json=big, timeout=120)
-        assert response.status_code == 200
-        return time.monotonic()
+    threads: list[str] = []
+    features_of, probabilities_of = model_module.build_features, model_module._checked_probabilities
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
-        batches = [pool.submit(score) for _ in range(2)]
-        time.sleep(0.05)
-        answered = []
-        for _ in range(200):
-            if all(batch.done() for batch in batches):
-                break
-            assert requests.get(f"{served.url}/v2/health/live", timeout=10).status_code == 200
-            answered.append(time.monotonic())
-        finished = min(batch.result() for batch in batches)
-    assert any(t < finished for t in answered), "no health answer while batches were in flight"
+    def recording(function):
+        def record(*args):
+            threads.append(threading.current_thread().name)
+            return function(*args)
+
+        return record
+
+    monkeypatch.setattr(model_module, "build_features", recording(features_of))
+    monkeypatch.setattr(model_module, "_checked_probabilities", recording(probabilities_of))
+    rng = np.random.default_rng(0)
+    features = rng.random((300, len(FEATURE_NAMES)))
+    estimator = HistGradientBoostingClassifier(max_iter=5).fit(features, features[:, 0] > 0.5)
+    model = FraudModel("fraud", Settings(decision_threshold=0.5))
+    ref = registry.ModelRef("models:/x@live", "models:/x/2", "x", "2", "live", "run", "0.5")
+    model.serve(registry.LoadedModel(ref=ref, estimator=estimator, input_example=None))
+
+    def where(rows: int, headers: dict[str, str] | None = None) -> list[str]:
+        threads.clear()
+
+        async def handle() -> None:
+            batch = await model.preprocess({"instances": [GOOD] * rows}, headers)
+            await model.predict(batch)
+
+        loop_thread = threading.current_thread().name
+        asyncio.run(handle())
+        return ["loop" if name == loop_thread else "pool" for name in threads]
+
+    # [features built, probabilities computed]
+    assert where(1) == ["loop", "loop"]
+    assert where(INLINE_MAX_ROWS) == ["loop", "loop"]
+    assert where(INLINE_MAX_ROWS + 1) == ["pool", "pool"]
+    big_body = {"content-length": str(INLINE_MAX_BODY_BYTES + 1)}
+    assert where(1, big_body) == ["pool", "loop"]  # decoded in the pool, one row scored inline
 
 
 def test_bad_start_up_setting_stops_with_one_line_naming_the_variable(tmp_path):
