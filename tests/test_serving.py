@@ -424,6 +424,7 @@ BAD_INPUTS = {
         "input 'customer_age'[1]: Input should be greater than or equal to 18",
     ),
     "v2 null in tensor": (V2, v2_with("amount", data=[42.0, None]), 400, "input 'amount'[1]"),
+    "v2 nested data": (V2, v2_with("amount", data=[42.0, [43.0]]), 400, "data must be flat"),
     "v2 int as bool": (V2, v2_with("card_present", data=[1, 0]), 400, "card_present"),
     "v2 empty tensors": (
         V2,
