@@ -66,7 +66,7 @@ class Scorer:
     estimator: Any
     #: treelite's GTIL: batches of up to COMPILED_MAX_ROWS rows.
     compiled: Callable[[np.ndarray], np.ndarray] | None = None
-    #: numba-compiled tree walk: every batch.
+    #: numba-compiled trees (a walk for a few rows, leaf elimination for more): every batch.
     native: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
@@ -123,7 +123,7 @@ def with_native_trees(
     example: np.ndarray | None,
     tolerance: float = AGREEMENT,
 ) -> tuple[Scorer, str | None]:
-    """`scorer` with the numba tree walk added, and why not (None when it is added)."""
+    """`scorer` with the numba-compiled trees added, and why not (None when it is added)."""
     try:
         native = native_trees(scorer.estimator)
     except Exception as error:  # no numba, or trees this walk does not know

@@ -27,7 +27,7 @@ from predictor.runtime import METRICS_ENV
 MODEL_INFO = Gauge(
     "fraud_model_info",
     "1 for the model version being served (by any worker), 0 for versions served before;"
-    " engine: numba (compiled tree walk, every batch), treelite (compiled trees for small"
+    " engine: numba (compiled trees, every batch), treelite (compiled trees for small"
     " batches) or sklearn.",
     ["model", "version", "alias", "run_id", "engine"],
     multiprocess_mode="max",

@@ -34,7 +34,7 @@ INLINE_MAX_ROWS = 128
 INLINE_MAX_BODY_BYTES = 64 * 1024
 
 #: Explainers and native engines are built here, after their version is served: the first
-#: of each imports shap or numba and compiles (~0.4 and ~0.7 s), which readiness and
+#: of each imports shap or numba and compiles (~0.4 and ~1 s), which readiness and
 #: predictions must not wait for.
 _explainer_builds = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explainer-build")
 _native_builds = ThreadPoolExecutor(max_workers=1, thread_name_prefix="native-build")
@@ -155,7 +155,7 @@ class FraudModel(Model):
         )
 
     def _compile_natively(self, serving: Serving) -> None:
-        """Add the numba tree walk to `serving`'s scorer if it agrees with scikit-learn (in
+        """Add the numba-compiled trees to `serving`'s scorer if it agrees with scikit-learn (in
         the background: whatever fails here leaves the version on its engine, logged)."""
         try:
             self._try_native(serving)

@@ -1,5 +1,5 @@
-"""Compiled inference: the registered trees compiled by treelite, and walked by numba, agree
-with scikit-learn before they serve; the numba walk takes every batch once it is built,
+"""Compiled inference: the registered trees compiled by treelite, and scored by numba, agree
+with scikit-learn before they serve; the numba kernels take every batch once they are built,
 treelite small batches until then, and anything else falls back to scikit-learn."""
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def test_compiled_trees_that_disagree_are_not_used(registered):
 
 
 def test_the_server_reports_its_engine_and_scores_like_scikit_learn(served, registered):
-    """treelite from the start, the numba walk once it is built (in the background)."""
+    """treelite from the start, numba once it is built (in the background)."""
     deadline = time.monotonic() + 60
     platform = None
     while platform != f"mlflow_sklearn/{NUMBA}" and time.monotonic() < deadline:
