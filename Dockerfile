@@ -67,6 +67,8 @@ ENTRYPOINT ["python", "-m", "predictor.training"]
 # ---- serving (the default target): the model server, fed from MLFLOW_TRACKING_URI
 FROM runtime AS serving
 COPY --from=build-serving /opt/venv /opt/venv
+# The server binds loopback unless told otherwise; in a container it listens on every interface.
+ENV BIND_ADDRESS=0.0.0.0
 EXPOSE 8080 8081
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/v2/health/live', timeout=2)"]

@@ -32,13 +32,20 @@ import logging.config  # noqa: E402
 
 from kserve import model_server  # noqa: E402
 
-from predictor import registry  # noqa: E402
+from predictor import auth, registry  # noqa: E402
 from predictor.bootstrap import BootstrapError, ensure_embedded_model  # noqa: E402
 from predictor.logs import configure_logging, json_log_config  # noqa: E402
 from predictor.model import FraudModel  # noqa: E402
 from predictor.runtime import remove_run_dir  # noqa: E402
 from predictor.server import build_server  # noqa: E402
-from predictor.settings import DEFAULT_MODEL_NAME, ConfigurationError, load_settings  # noqa: E402
+from predictor.settings import (  # noqa: E402
+    DEFAULT_MODEL_NAME,
+    ConfigurationError,
+    Settings,
+    load_settings,
+)
+
+logger = logging.getLogger("predictor.server")
 
 gc.freeze()
 gc.enable()
@@ -57,10 +64,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["token"]:
+        return make_token(argv[1:])
     try:
         return serve(parse_args(argv))
     finally:
         remove_run_dir()
+
+
+def make_token(argv: list[str]) -> int:
+    """`fraud-predictor token --name payments --scopes predict`: a new token on the first
+    line (give it to the client), its AUTH_TOKENS_FILE line on the second."""
+    parser = argparse.ArgumentParser(
+        prog="fraud-predictor token",
+        description="Make a bearer token and the line that grants it in AUTH_TOKENS_FILE.",
+    )
+    parser.add_argument("--name", required=True, help="who holds it (logged on denials)")
+    parser.add_argument(
+        "--scopes",
+        default="predict",
+        help=f"comma-separated, of {', '.join(auth.SCOPES)}",
+    )
+    args = parser.parse_args(argv)
+    scopes = args.scopes.split(",")
+    line = auth.token_line(token := auth.new_token(), scopes, args.name)
+    try:
+        auth.parse_tokens(line)
+    except auth.TokenFileError as error:
+        parser.error(str(error).removeprefix("line 1: "))
+    print(token)
+    print(line)
+    return 0
+
+
+def load_tokens(settings: Settings) -> auth.TokenStore | None:
+    """AUTH_TOKENS_FILE's tokens; without it every caller is trusted, and told so."""
+    if settings.auth_tokens_file is None:
+        logger.warning(
+            "AUTH_TOKENS_FILE is not set: every caller that reaches %s may score, explain "
+            "and read metadata",
+            settings.bind_address,
+        )
+        return None
+    try:
+        return auth.TokenStore(settings.auth_tokens_file)
+    except auth.TokenFileError as error:
+        raise ConfigurationError(f"AUTH_TOKENS_FILE={settings.auth_tokens_file}: {error}") from None
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -81,11 +131,17 @@ def serve(args: argparse.Namespace) -> int:
     except BootstrapError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    try:
+        tokens = load_tokens(settings)
+    except ConfigurationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     registry.configure_client(settings.model_load_timeout_seconds)
     model = FraudModel(args.model_name, settings)
     server = build_server(
         model,
         settings,
+        tokens,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         workers=args.workers,

@@ -267,6 +267,9 @@ def encode_v2(
         response_id=request.id or str(uuid.uuid4()),
         model_name=model_name,
         model_version=version,
+        # gRPC requests with raw inputs get raw outputs, as Triton answers (tritonclient's
+        # as_numpy reads only those); REST, when `binary_data_output` asks for them.
+        use_binary_outputs=request.use_binary_outputs,
         infer_outputs=[
             InferOutput("fraud_probability", [rows], "FP64", probabilities.tolist()),
             InferOutput("is_fraud", [rows], "BOOL", decisions.tolist()),

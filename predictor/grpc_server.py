@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import struct
 import time
@@ -32,13 +31,14 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
 from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
-from kserve.protocol.infer_type import InferRequest, InferResponse
+from kserve.protocol.infer_type import InferRequest
 from kserve.utils.utils import to_headers
 
-from predictor import codec, metrics
+from predictor import codec, metrics, offload
+from predictor.auth import Access, Denied, TokenStore, grpc_access
 from predictor.binary_extension import ELEMENT_BYTES
-from predictor.model import INLINE_MAX_BODY_BYTES, INLINE_MAX_ROWS
 from predictor.schema import one_line, shown
+from predictor.text import error_text, escaped
 
 logger = logging.getLogger("predictor.grpc")
 
@@ -51,7 +51,19 @@ STATUS_OF = (
     ((NotImplementedError,), StatusCode.UNIMPLEMENTED),
     ((InferenceError,), StatusCode.INTERNAL),
 )
-CLIENT_SIDE = {StatusCode.INVALID_ARGUMENT, StatusCode.NOT_FOUND, StatusCode.UNAVAILABLE}
+CLIENT_SIDE = {
+    StatusCode.INVALID_ARGUMENT,
+    StatusCode.NOT_FOUND,
+    StatusCode.UNAVAILABLE,
+    StatusCode.UNAUTHENTICATED,
+    StatusCode.PERMISSION_DENIED,
+    StatusCode.UNIMPLEMENTED,
+    StatusCode.RESOURCE_EXHAUSTED,
+}
+REPOSITORY_REFUSED = (
+    "the model repository extension is not served: the served version follows MODEL_URI in "
+    "the registry (move the alias to change it)"
+)
 
 
 def status_of(error: Exception) -> StatusCode:
@@ -62,17 +74,51 @@ def status_of(error: Exception) -> StatusCode:
 
 
 class CountingExceptionInterceptor(ExceptionToStatusInterceptor):
-    """Map exceptions to status codes, count them, log a client's mistake in one line, and
-    time ModelInfer calls (`fraud_request_duration_seconds{protocol="grpc"}`)."""
+    """Check the caller's token (predictor.auth), map exceptions to status codes, count
+    them, log a client's mistake in one line, and time ModelInfer calls
+    (`fraud_request_duration_seconds{protocol="grpc"}`)."""
+
+    def __init__(self, tokens: TokenStore | None = None):
+        super().__init__()
+        self.tokens = tokens
 
     async def intercept(self, method, request_or_iterator, context, method_name):
         if not method_name.endswith("/ModelInfer"):
-            return await super().intercept(method, request_or_iterator, context, method_name)
+            return await super().intercept(
+                self._authorized(method, method_name), request_or_iterator, context, method_name
+            )
         began = time.perf_counter()
         try:
-            return await super().intercept(method, request_or_iterator, context, method_name)
+            return await super().intercept(
+                self._authorized(method, method_name), request_or_iterator, context, method_name
+            )
         finally:
             metrics.REQUEST_SECONDS.labels(protocol="grpc").observe(time.perf_counter() - began)
+
+    def _authorized(self, method, method_name: str):
+        """`method`, behind the token check (inside the exception mapping, so a denial is
+        counted and answered like any other error)."""
+        if self.tokens is None:
+            return method
+        tokens = self.tokens
+
+        async def checked(request, context):
+            access = grpc_access(method_name)
+            if access is not Access.OPEN:
+                authorization = dict(context.invocation_metadata() or ()).get("authorization")
+                try:
+                    tokens.authorize(authorization, access)
+                except Denied as denied:
+                    metrics.AUTH_DENIED.labels(reason=denied.reason).inc()
+                    raise GrpcException(
+                        status_code=StatusCode.PERMISSION_DENIED
+                        if denied.status == 403
+                        else StatusCode.UNAUTHENTICATED,
+                        details=str(denied),
+                    ) from None
+            return await method(request, context)
+
+        return checked
 
     async def handle_exception(self, ex, request_or_iterator, context, method_name):
         if isinstance(ex, GrpcException):
@@ -82,9 +128,10 @@ class CountingExceptionInterceptor(ExceptionToStatusInterceptor):
             details = getattr(ex, "reason", None) or str(ex) or type(ex).__name__
             if code is StatusCode.INTERNAL and not isinstance(ex, InferenceError):
                 details = "Internal server error"
+        details = error_text(details)
         metrics.REQUEST_ERRORS.labels(protocol="grpc", status=code.name).inc()
         if code in CLIENT_SIDE:
-            logger.warning("%s %s: %s", method_name, code.name, details)
+            logger.warning("%s %s: %s", method_name, code.name, escaped(details, 300))
         else:
             logger.error("%s %s: %s", method_name, code.name, details, exc_info=ex)
         await context.abort(code, details)
@@ -93,10 +140,25 @@ class CountingExceptionInterceptor(ExceptionToStatusInterceptor):
 class FraudInferenceServicer(InferenceServicer):
     """KServe's servicer; ModelInfer checks sizes before it decodes."""
 
-    def __init__(self, data_plane, model_repository_extension, max_rows: int, max_bytes: int):
-        super().__init__(data_plane, model_repository_extension)
+    def __init__(self, data_plane, max_rows: int, max_bytes: int):
+        super().__init__(data_plane, None)
         self.max_rows = max_rows
         self.max_bytes = max_bytes
+
+    async def RepositoryIndex(self, request, context):
+        raise GrpcException(status_code=StatusCode.UNIMPLEMENTED, details=REPOSITORY_REFUSED)
+
+    async def RepositoryModelLoad(self, request, context):
+        raise GrpcException(status_code=StatusCode.UNIMPLEMENTED, details=REPOSITORY_REFUSED)
+
+    async def RepositoryModelUnload(self, request, context):
+        raise GrpcException(status_code=StatusCode.UNIMPLEMENTED, details=REPOSITORY_REFUSED)
+
+    async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
+        metadata = self._data_plane.metadata()
+        return pb.ServerMetadataResponse(
+            name=metadata["name"], version=metadata["version"], extensions=metadata["extensions"]
+        )
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         if (size := request.ByteSize()) > self.max_bytes:
@@ -106,18 +168,26 @@ class FraudInferenceServicer(InferenceServicer):
         headers = to_headers(context)
         self.validate_grpc_request(request)
         check_grpc_request(request, self.max_rows)
+        self._check_version(request.model_name, request.model_version)
         rows = max((tensor.shape[0] for tensor in request.inputs if tensor.shape), default=0)
-        if rows <= INLINE_MAX_ROWS and request.ByteSize() <= INLINE_MAX_BODY_BYTES:
-            infer_request = decode_grpc_request(request)
-        else:
-            loop = asyncio.get_running_loop()
-            infer_request = await loop.run_in_executor(None, decode_grpc_request, request)
+        small = offload.is_small(rows=rows, body_bytes=size)
+        infer_request = await offload.run_sized(small, decode_grpc_request, request)
         response, _ = await self._data_plane.infer(
             request=infer_request, headers=headers, model_name=request.model_name
         )
-        if isinstance(response, InferResponse):
-            return response.to_grpc()
-        return response
+        if request.model_version and response.model_version != request.model_version:
+            # Reloaded between the check and the scoring: not the version asked for.
+            raise ModelNotFound(f"{request.model_name} version {shown(request.model_version)}")
+        return await offload.run_sized(small, response.to_grpc)
+
+    def _check_version(self, model_name: str, version: str) -> None:
+        """A version other than the one served is not found (as REST's versioned route)."""
+        if not version:
+            return
+        model = self._data_plane.get_model_from_registry(model_name)
+        serving = getattr(model, "serving", None)
+        if serving is not None and serving.version != version:
+            raise ModelNotFound(f"{model_name} version {shown(version)}")
 
 
 def check_grpc_request(request: pb.ModelInferRequest, max_rows: int) -> None:
@@ -159,20 +229,20 @@ def decode_grpc_request(request: pb.ModelInferRequest) -> InferRequest:
 class FraudGRPCServer(GRPCServer):
     """KServe's GRPCServer, built with this server's servicer, interceptor and limits."""
 
-    def __init__(self, port, data_plane, model_repository_extension, settings, grace_period):
-        super().__init__(port, data_plane, model_repository_extension, {}, grace_period)
+    def __init__(self, port, data_plane, settings, grace_period, tokens=None):
+        super().__init__(port, data_plane, None, {}, grace_period)
         self.settings = settings
+        self.tokens = tokens
 
     async def start(self, max_workers: int) -> None:
         servicer = FraudInferenceServicer(
             self._data_plane,
-            self._model_repository_extension,
             self.settings.max_batch_rows,
             self.settings.max_request_bytes,
         )
         self._server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=(CountingExceptionInterceptor(),),
+            interceptors=(CountingExceptionInterceptor(self.tokens),),
             options=[
                 # Up to twice the limit reaches ModelInfer, which refuses (and counts) what
                 # is over it; gRPC itself drops anything larger, uncounted.
@@ -181,7 +251,9 @@ class FraudGRPCServer(GRPCServer):
             ],
         )
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
-        self._server.add_insecure_port(f"[::]:{self._port}")
-        logger.info("gRPC server listening on port %d", self._port)
+        host = self.settings.bind_address
+        address = f"[{host}]:{self._port}" if ":" in host else f"{host}:{self._port}"
+        self._server.add_insecure_port(address)
+        logger.info("gRPC server listening on %s", address)
         await self._server.start()
         await self._server.wait_for_termination()

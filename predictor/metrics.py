@@ -71,6 +71,12 @@ REQUEST_SECONDS = Histogram(
     ["protocol"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+AUTH_DENIED = Counter(
+    "fraud_auth_denied",
+    "Requests refused by the token check (also in fraud_request_errors): missing (no"
+    " token), invalid (unknown or malformed token) or scope (valid token without the scope).",
+    ["reason"],
+)
 EXPLAINED = Counter(
     "fraud_explained_transactions",
     "Transactions explained (reason codes) by :explain; latency and request counts are in"

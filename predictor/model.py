@@ -22,16 +22,12 @@ from predictor.engine import Scorer, build_scorer, with_native_trees
 from predictor.explain import Explainer, ExplainerUnavailable, explain_rows
 from predictor.features import build_features
 from predictor.lifecycle import ModelWatcher
+from predictor.offload import INLINE_MAX_ROWS, is_small, run_sized
 from predictor.settings import Settings
 
 logger = logging.getLogger("predictor.model")
 
 MODEL_VERSION_HEADER = "x-model-version"
-#: Requests up to this many rows and bytes are validated and scored on the event loop (at
-#: most about 2 ms of CPU); larger ones go to the thread pool so they never stall the loop
-#: (one row can be large: a V1 object with 300,000 unknown keys takes a second to refuse).
-INLINE_MAX_ROWS = 128
-INLINE_MAX_BODY_BYTES = 64 * 1024
 
 #: Explainers and native engines are built here, after their version is served: the first
 #: of each imports shap or numba and compiles (~0.4 and ~1 s), which readiness and
@@ -191,12 +187,8 @@ class FraudModel(Model):
         self, payload: dict | InferRequest, headers: dict[str, str] | None = None
     ) -> Batch:
         """Validate the whole batch and build its features (large batches off the loop)."""
-        if _declared_rows(payload) <= INLINE_MAX_ROWS and _body_bytes(headers) <= (
-            INLINE_MAX_BODY_BYTES
-        ):
-            return self._decode(payload)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self._decode, payload)
+        small = is_small(rows=_declared_rows(payload), body_bytes=_body_bytes(headers))
+        return await run_sized(small, self._decode, payload)
 
     def _decode(self, payload: Any) -> Batch:
         max_rows = self.settings.max_batch_rows
@@ -212,26 +204,41 @@ class FraudModel(Model):
         headers: dict[str, str] | None = None,
         response_headers: dict[str, str] | None = None,
     ) -> dict | InferResponse:
-        """Score in the thread pool with one version, and say which version answered."""
+        """Score with one version (large batches in the thread pool, their answer built
+        there too), and say which version answered."""
         serving = self._serving  # read once: the whole request is answered by this version
         if serving is None:
             raise InferenceError("no model is loaded")
-        if len(payload.features) <= INLINE_MAX_ROWS:
-            probabilities = _checked_probabilities(serving, payload.features)
-        else:
-            loop = asyncio.get_running_loop()
-            probabilities = await loop.run_in_executor(
-                None, _checked_probabilities, serving, payload.features
-            )
-        decisions = probabilities >= serving.threshold
-        metrics.observe_scores(probabilities, decisions)
         if response_headers is not None:
             response_headers[MODEL_VERSION_HEADER] = serving.version
+        small = len(payload.features) <= INLINE_MAX_ROWS
+        return await run_sized(small, self._answer, serving, payload)
+
+    def _answer(self, serving: Serving, payload: Batch) -> dict | InferResponse:
+        probabilities = _checked_probabilities(serving, payload.features)
+        decisions = probabilities >= serving.threshold
+        metrics.observe_scores(probabilities, decisions)
         if payload.v2_request is not None:
             return codec.encode_v2(
                 payload.v2_request, self.name, probabilities, decisions, serving.version
             )
         return codec.encode_v1(probabilities, decisions, serving.version)
+
+    def validate(self, payload: Any) -> Any:
+        """Nothing to add: `preprocess` validated the whole batch (KServe's own check
+        assumes a dict or InferRequest and fails on a Batch with `--predictor_protocol v2`)."""
+        return payload
+
+    async def postprocess(
+        self,
+        result: dict | InferResponse,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
+    ) -> dict | InferResponse:
+        """Explanations say which version answered in the header too, as predictions do."""
+        if response_headers is not None and isinstance(result, dict) and "explanations" in result:
+            response_headers[MODEL_VERSION_HEADER] = result["model_version"]
+        return result
 
     async def explain(self, payload: Batch, headers: dict[str, str] | None = None) -> dict:
         """Reason codes for every transaction, from the version that scores it (thread pool:

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import struct
-import time
 import warnings
 from typing import Any
 
@@ -30,134 +28,46 @@ from fastapi.responses import JSONResponse
 from kserve import ModelServer
 from kserve import model_server as kserve_model_server
 from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER, PredictorProtocol
-from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
-from kserve.model import BaseKServeModel
+from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady, ServerNotReady
+from kserve.model import BaseKServeModel, InferenceVerb
 from kserve.model_repository import ModelRepository
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferRequest
 from kserve.protocol.rest.server import RESTServer
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
 from pydantic import ValidationError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.requests import ClientDisconnect
 from timing_asgi import TimingMiddleware
 
-from predictor import codec, metrics, runtime
+from predictor import codec, metrics, offload, runtime, seam
+from predictor.auth import TokenStore
 from predictor.binary_extension import check_binary_request
+from predictor.edges import (
+    CLIENT_CLOSED_REQUEST,
+    Authentication,
+    BodySizeLimit,
+    RequestMetrics,
+    SafeErrors,
+)
 from predictor.grpc_server import FraudGRPCServer
 from predictor.logs import configure_logging, quiet_kserve_logging
-from predictor.model import INLINE_MAX_BODY_BYTES, MODEL_VERSION_HEADER, FraudModel
+from predictor.model import MODEL_VERSION_HEADER, FraudModel
 from predictor.schema import describe_errors, one_line, shown, shown_list
 from predictor.settings import Settings
+from predictor.text import error_body
 
 logger = logging.getLogger("predictor.server")
-
-
-class BodySizeLimit:
-    """Refuse bodies over `max_bytes` with 413, whether declared or chunked."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None:
-            if int(declared) > self.max_bytes:
-                await self._refuse(send)
-                return
-            await self.app(scope, receive, send)
-            return
-        # No length declared (chunked): read up to the limit, then replay what was read.
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                await self._refuse(send)
-                return
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, send: Send) -> None:
-        payload = json.dumps(
-            {"error": f"request body exceeds {self.max_bytes} bytes (MAX_REQUEST_BYTES)"}
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})
-
-
-INFERENCE_PATH_SUFFIXES = (":predict", "/infer", ":explain")
-
-
-class RequestMetrics:
-    """Count responses with status >= 400 (KServe's handlers and ours alike, and the 500
-    that Starlette's outermost middleware sends for an exception nobody handled), and time
-    inference requests end to end (`fraud_request_duration_seconds`)."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        started = False
-        began = time.perf_counter()
-
-        async def counting_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                if message["status"] >= 400:
-                    metrics.REQUEST_ERRORS.labels(
-                        protocol="http", status=str(message["status"])
-                    ).inc()
-            await send(message)
-
-        try:
-            await self.app(scope, receive, counting_send)
-        except Exception:
-            # Unhandled: Starlette's outermost ServerErrorMiddleware answers 500 after this.
-            if not started:
-                metrics.REQUEST_ERRORS.labels(protocol="http", status="500").inc()
-            raise
-        finally:
-            if scope["path"].endswith(INFERENCE_PATH_SUFFIXES):
-                metrics.REQUEST_SECONDS.labels(protocol="http").observe(time.perf_counter() - began)
 
 
 async def metrics_endpoint(_: Request) -> Response:
     body, content_type = metrics.exposition()
     return Response(content=body, media_type=content_type)
+
+
+async def client_disconnect_handler(_: Request, __: ClientDisconnect) -> Response:
+    """A client that leaves mid-upload is not the server's error (499, logged at INFO)."""
+    logger.info("client disconnected before its request was read")
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
 def body_location(loc: tuple[int | str, ...]) -> str:
@@ -178,7 +88,7 @@ def v2_infer_endpoint(dataplane: FraudDataPlane):
     parsed with orjson, checked with KServe's own request model, and the response dict
     from `InferResponse.to_rest()` is written with orjson. Binary-extension requests
     (`inference-header-content-length`) are checked (predictor.binary_extension), then
-    passed to KServe's decoder. Large bodies are decoded in the thread pool.
+    passed to KServe's decoder. Large bodies are decoded and answered in the thread pool.
     """
 
     async def infer(raw_request: Request, model_name: str) -> Response:
@@ -186,26 +96,72 @@ def v2_infer_endpoint(dataplane: FraudDataPlane):
             raise ModelNotReady(model_name)
         body = await raw_request.body()
         headers = dict(raw_request.headers)
-        if len(body) <= INLINE_MAX_BODY_BYTES:
-            infer_request = dataplane.decode_v2(body, headers, model_name)
-        else:
-            loop = asyncio.get_running_loop()
-            infer_request = await loop.run_in_executor(
-                None, dataplane.decode_v2, body, headers, model_name
-            )
+        small = offload.is_small(body_bytes=len(body))
+        infer_request = await offload.run_sized(
+            small, dataplane.decode_v2, body, headers, model_name
+        )
         response, response_headers = await dataplane.infer(
             model_name=model_name, request=infer_request, headers=headers
         )
-        response, encode_headers = dataplane.encode(
-            model_name=model_name, response=response, headers=headers, req_attributes={}
+        return await offload.run_sized(
+            small, encoded_response, dataplane, model_name, response, response_headers, headers, {}
         )
-        response_headers.update(encode_headers)
-        response_headers.pop("content-length", None)
-        media_type = response_headers.pop("content-type", "application/json")
-        content = response if isinstance(response, bytes) else orjson.dumps(response)
-        return Response(content=content, headers=response_headers, media_type=media_type)
 
     return infer
+
+
+def v1_endpoint(dataplane: FraudDataPlane, verb: str):
+    """KServe's V1 `:predict` / `:explain` endpoint, with large bodies decoded (and their
+    answers encoded) in the thread pool, as V2's are (KServe parses V1 JSON on the event
+    loop), and response headers that are the server's own (KServe's `:explain` echoes every
+    request header). tests/test_v1_route.py pins it against KServe's handler."""
+
+    async def handler(raw_request: Request, model_name: str) -> Response:
+        if not await dataplane.model_ready(model_name, True):
+            raise ModelNotReady(model_name)
+        body = await raw_request.body()
+        headers = dict(raw_request.headers)
+        small = offload.is_small(body_bytes=len(body))
+        infer_request, attributes = await offload.run_sized(small, dataplane.decode, body, headers)
+        call = dataplane.explain if verb == "explain" else dataplane.infer
+        response, response_headers = await call(
+            model_name=model_name, request=infer_request, headers=headers
+        )
+        return await offload.run_sized(
+            small,
+            encoded_response,
+            dataplane,
+            model_name,
+            response,
+            response_headers,
+            headers,
+            attributes,
+        )
+
+    handler.__name__ = verb
+    return handler
+
+
+def encoded_response(
+    dataplane: FraudDataPlane,
+    model_name: str,
+    response: Any,
+    response_headers: dict[str, str],
+    headers: dict[str, str],
+    attributes: dict[str, Any],
+) -> Response:
+    """The HTTP response for a model's answer: KServe's encoding (V2 dict, binary
+    extension, CloudEvents), written with orjson."""
+    response, encode_headers = dataplane.encode(
+        model_name=model_name, response=response, headers=headers, req_attributes=attributes
+    )
+    response_headers.update(encode_headers)
+    response_headers.pop("content-length", None)
+    media_type = response_headers.pop("content-type", "application/json")
+    if isinstance(response, str):
+        response = response.encode()
+    content = response if isinstance(response, bytes) else orjson.dumps(response)
+    return Response(content=content, headers=response_headers, media_type=media_type)
 
 
 def v2_versioned_infer_endpoint(dataplane: FraudDataPlane, infer):
@@ -267,10 +223,18 @@ class FraudDataPlane(DataPlane):
     decoding failures as 400s, V2 bodies checked before decoding, and the served version
     in metadata."""
 
-    def __init__(self, model_registry: ModelRepository, settings: Settings, workers: int):
+    def __init__(
+        self,
+        model_registry: ModelRepository,
+        settings: Settings,
+        workers: int,
+        tokens: TokenStore | None = None,
+    ):
         super().__init__(model_registry=model_registry)
         self.settings = settings
         self.workers = workers
+        #: AUTH_TOKENS_FILE's tokens (None: every caller is trusted).
+        self.tokens = tokens
 
     def decode_v2(self, body: bytes, headers: dict[str, str], model_name: str) -> InferRequest:
         """A V2 REST body (JSON or binary extension) as KServe's InferRequest, or 400."""
@@ -315,11 +279,32 @@ class FraudDataPlane(DataPlane):
         return model
 
     async def ready(self) -> bool:
+        return self.is_ready()
+
+    def is_ready(self) -> bool:
         """Server readiness per the V2 spec: every model is ready, in every worker."""
         models = self.model_registry.get_models().values()
         if not models or not all(model.ready for model in models):
             return False
         return self.workers == 1 or runtime.ready_workers() >= self.workers
+
+    def readiness_probe(self) -> tuple[int, bytes]:
+        """`/v2/health/ready` as KServe's handler answers it (see seam.answer_probes)."""
+        if self.is_ready():
+            return 200, b'{"ready":true}'
+        return 503, error_body(str(ServerNotReady()))
+
+    def metadata(self) -> dict[str, Any]:
+        """Server metadata: the binary tensor extension is served; the model repository
+        extension is not (what is served follows the registry alias, never a client)."""
+        return {**super().metadata(), "extensions": ["binary_tensor_data"]}
+
+    async def explain(
+        self, model_name: str, request: Any, headers: dict[str, str] | None = None
+    ) -> tuple[Any, dict[str, str]]:
+        """KServe's explain, without answering with the request's headers as its own."""
+        model = await self.get_model(model_name)
+        return await model(request, verb=InferenceVerb.EXPLAIN, headers=headers)
 
     async def model_metadata(self, model_name: str) -> dict[str, Any]:
         metadata = await super().model_metadata(model_name)
@@ -336,12 +321,41 @@ def install_http_edges(app: FastAPI, dataplane: FraudDataPlane) -> None:
     """Add this server's middleware, handlers and routes to KServe's app, before it starts.
 
     Routes added here take precedence over KServe's, which are registered at start-up.
+    Middleware, outermost first: RequestMetrics, Authentication, SafeErrors, BodySizeLimit
+    (see predictor.edges).
     """
     app.add_middleware(BodySizeLimit, max_bytes=dataplane.settings.max_request_bytes)
+    app.add_middleware(SafeErrors)
+    app.add_middleware(Authentication, tokens=dataplane.tokens)
     app.add_middleware(RequestMetrics)
     app.add_exception_handler(RequestValidationError, request_validation_handler)
+    app.add_exception_handler(ClientDisconnect, client_disconnect_handler)
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
+    install_v1_routes(app, dataplane)
     install_v2_infer(app, dataplane)
+    for path in REPOSITORY_PATHS:
+        app.add_api_route(
+            path, repository_refused, methods=["GET", "POST"], include_in_schema=False
+        )
+
+
+#: KServe's model repository extension (load, unload), refused: see repository_refused.
+REPOSITORY_PATHS = (
+    "/v2/repository/index",
+    "/v2/repository/models/{model_name}/load",
+    "/v2/repository/models/{model_name}/unload",
+)
+
+
+async def repository_refused(_: Request) -> JSONResponse:
+    """No client loads or unloads a model: the served version follows MODEL_URI."""
+    return JSONResponse(
+        status_code=404,
+        content={
+            "error": "the model repository extension is not served: the served version "
+            "follows MODEL_URI in the registry (move the alias to change it)"
+        },
+    )
 
 
 def install_v2_infer(app: FastAPI, dataplane: FraudDataPlane) -> None:
@@ -360,13 +374,36 @@ def install_v2_infer(app: FastAPI, dataplane: FraudDataPlane) -> None:
     )
 
 
+def install_v1_routes(app: FastAPI, dataplane: FraudDataPlane) -> None:
+    """This server's V1 `:predict` and `:explain`, in place of KServe's."""
+    for verb in ("predict", "explain"):
+        app.add_api_route(
+            f"/v1/models/{{model_name}}:{verb}",
+            v1_endpoint(dataplane, verb),
+            methods=["POST"],
+            response_model=None,
+            tags=["V1"],
+        )
+
+
+def live_probe() -> tuple[int, bytes]:
+    """`/v2/health/live` as KServe's handler answers it: the event loop took the call."""
+    return 200, b'{"live":true}'
+
+
 def prepare_serving_process(dataplane: FraudDataPlane) -> None:
     """Everything a process that answers HTTP needs: edges, and models loading themselves."""
     configure_logging(dataplane.settings.log_format)
     quiet_kserve_logging(dataplane.settings.access_log)
     # KServe's V1 endpoints use ORJSONResponse, which FastAPI warns about on every request.
     warnings.filterwarnings("ignore", category=FastAPIDeprecationWarning)
+    seam.bound_request_heads(dataplane.settings.max_header_bytes)
+    seam.answer_probes(
+        {"/v2/health/live": live_probe, "/v2/health/ready": dataplane.readiness_probe}
+    )
     install_http_edges(kserve_model_server.app, dataplane)
+    if dataplane.tokens is not None:
+        dataplane.tokens.start()
     for model in dataplane.model_registry.get_models().values():
         if isinstance(model, FraudModel):
             model.start_watching()
@@ -390,13 +427,14 @@ class FraudModelServer(ModelServer):
     async def _serve(self) -> None:
         for rest_server in self._rest_servers():
             rest_server._add_middlewares = functools.partial(add_middlewares, rest_server)
+            seam.configure_rest_server(rest_server, self.settings.bind_address)
         if self.serves_grpc:
             self._grpc_server = FraudGRPCServer(
                 self.grpc_port,
                 self.dataplane,
-                self.model_repository_extension,
                 self.settings,
                 self.grace_period,
+                self.dataplane.tokens,
             )
             self.servers.append(self._grpc_server.start(self.max_threads))
         await super()._serve()
@@ -437,14 +475,16 @@ def use_event_loop(choice: str) -> str:
     return "uvloop"
 
 
-def build_server(model: FraudModel, settings: Settings, **server_args: Any) -> ModelServer:
+def build_server(
+    model: FraudModel, settings: Settings, tokens: TokenStore | None = None, **server_args: Any
+) -> ModelServer:
     """A ModelServer (flags as parsed by KServe) serving `model`, loaded in the background.
 
     The model is registered before it is ready, so liveness answers at once and readiness
     and predict answer 503 until the first version is loaded.
     """
     server = FraudModelServer(settings, **server_args)
-    server.dataplane = FraudDataPlane(server.registered_models, settings, server.workers)
+    server.dataplane = FraudDataPlane(server.registered_models, settings, server.workers, tokens)
     model.enable_latency_logging = server.enable_latency_logging
     server.register_model(model)
     if server.workers == 1:
@@ -455,5 +495,7 @@ def build_server(model: FraudModel, settings: Settings, **server_args: Any) -> M
         # its readiness is not a worker's (the workers' markers count for REST readiness).
         configure_logging(settings.log_format)
         quiet_kserve_logging(settings.access_log)
+        if tokens is not None:
+            tokens.start()
         model.start_watching(marks_ready=False)
     return server

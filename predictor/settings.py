@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Literal
@@ -38,10 +39,13 @@ class Settings(BaseSettings):
     model_load_timeout_seconds: float = Field(default=15.0, gt=0)
     model_poll_interval_seconds: float = Field(default=30.0, ge=0)
     model_retry_max_seconds: float = Field(default=30.0, ge=1)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    auth_tokens_file: Path | None = None
+    bind_address: str = "127.0.0.1"
     log_format: Literal["text", "json"] = "text"
     access_log: bool = False
 
-    @field_validator("mlflow_tracking_uri", "decision_threshold", mode="before")
+    @field_validator("mlflow_tracking_uri", "decision_threshold", "auth_tokens_file", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
@@ -54,6 +58,12 @@ class Settings(BaseSettings):
                 "must look like models:/<name>@<alias>, models:/<name>/<version> "
                 "or runs:/<run_id>/<path>"
             )
+        return value
+
+    @field_validator("bind_address")
+    @classmethod
+    def _bind_address_is_an_ip(cls, value: str) -> str:
+        ipaddress.ip_address(value)  # ValueError names the problem
         return value
 
     @property

@@ -4,6 +4,9 @@
 * core objects pass `kubernetes-validate --strict` for Kubernetes K8S_VERSION;
 * InferenceService, Application and AppProject pass the real CRD schemas, made strict;
 * policy: non-root, read-only root FS, resources, probes, pinned images, known settings;
+* closed by default: the token Secret mounted in every pod, NetworkPolicies admitting each
+  port only from the pods that use it, the Ingress publishing only scoring doors over TLS,
+  compose publishing on loopback only, the image binding every interface;
 * each check catches a planted mistake in a deliberately broken copy.
 
 CRD schemas come from $MANIFEST_SCHEMAS_DIR (default ../shared/schemas).
@@ -14,10 +17,11 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import jsonschema
@@ -361,6 +365,61 @@ def admitted_ports(objects: tuple[dict, ...]) -> set[int]:
     return {p["port"] for rule in policy["spec"].get("ingress", []) for p in rule["ports"]}
 
 
+# Namespaces as a cluster labels them (kubernetes.io/metadata.name is set by the API server);
+# the client label is the one clients' namespaces are given (docs/deployment-security.md).
+CLIENT_LABEL = "fraud-predictor.example.com/client"
+NAMESPACES = {
+    name: {"kubernetes.io/metadata.name": name}
+    for name in (
+        "fraud-detection",
+        "sandbox",
+        "monitoring",
+        "ingress-nginx",
+        "knative-serving",
+        "istio-system",
+        "kourier-system",
+    )
+}
+NAMESPACES["payments"] = {"kubernetes.io/metadata.name": "payments", CLIENT_LABEL: "true"}
+PROMETHEUS = ("monitoring", {"app.kubernetes.io/name": "prometheus"})
+
+
+def selector_matches(selector: dict, labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions); {} matches all."""
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator = expression["key"], expression["operator"]
+        values = expression.get("values", [])
+        if not {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[operator]:
+            return False
+    return True
+
+
+def admitted_from(policy: dict, namespace: str, pod_labels: dict[str, str]) -> set[int | str]:
+    """The ports `policy` admits from a pod with `pod_labels` in `namespace` (its labels those
+    of NAMESPACES); "all" when a rule names no ports. An ipBlock counts as admitting anyone."""
+    namespace_labels = NAMESPACES[namespace]
+    ports: set[int | str] = set()
+    for rule in policy["spec"].get("ingress", []):
+        peers = rule.get("from") or [{"ipBlock": {"cidr": "0.0.0.0/0"}}]
+        for peer in peers:
+            if "ipBlock" in peer:
+                admitted = True
+            elif "namespaceSelector" in peer:
+                admitted = selector_matches(peer["namespaceSelector"], namespace_labels)
+            else:
+                admitted = namespace == policy["metadata"].get("namespace")
+            if admitted and selector_matches(peer.get("podSelector", {}), pod_labels):
+                ports |= {p["port"] for p in rule["ports"]} if rule.get("ports") else {"all"}
+    return ports
+
+
 def workload(directory: str) -> dict:
     return next(o for o in render(directory) if o["kind"] in ("InferenceService", "Deployment"))
 
@@ -372,7 +431,8 @@ def test_prometheus_scrapes_the_fraud_metrics_through_an_admitted_port(directory
     assert endpoint is not None, f"{directory}: pods are not annotated for scraping"
     serves, port, path = endpoint
     assert serves.startswith("predictor") and path == "/metrics", (directory, endpoint)
-    assert port in admitted_ports(render(directory)), (directory, port)
+    policy = next(o for o in render(directory) if o["kind"] == "NetworkPolicy")
+    assert port in admitted_from(policy, *PROMETHEUS), (directory, port)
 
 
 def test_scrape_check_catches_the_webhook_rewriting_the_port_in_standard_mode():
@@ -539,3 +599,423 @@ def test_checkov_catches_a_privileged_container(tmp_path):
     path.write_text(yaml.safe_dump(deployment))
     result = checkov("-f", str(path), "--framework", "kubernetes")
     assert result.returncode != 0 and "CKV_K8S_16" in result.stdout
+
+
+# ------------------------------------------------------------------ closed by default
+
+# The token file (hashes and scopes, re-read when it changes) comes from one Secret, created
+# out of band, mounted as a directory: the kubelet swaps a mounted Secret's ..data link, which
+# a subPath mount never follows (docs/deployment-security.md).
+TOKENS_SECRET = "fraud-predictor-tokens"
+TOKENS_KEY = "tokens"
+TOKENS_FILE = "/etc/fraud-predictor/tokens/tokens"
+POD_GID = 10001  # the pods run as 10001:10001
+
+
+def env_value(container: dict, config_maps: dict[str, dict], name: str) -> str | None:
+    """What `name` is in the container: its env wins over its envFrom ConfigMaps."""
+    for variable in container.get("env", []):
+        if variable["name"] == name:
+            return variable.get("value")
+    for source in container.get("envFrom", []):
+        ref = source.get("configMapRef", {}).get("name")
+        if ref in config_maps and name in config_maps[ref].get("data", {}):
+            return config_maps[ref]["data"][name]
+    return None
+
+
+def token_mount_problems(obj: dict, config_maps: dict[str, dict]) -> list[str]:
+    """Why the workload's container would not read the token Secret's current file."""
+    spec = pod_spec(obj)
+    if spec is None:
+        return []
+    volumes = [
+        v for v in spec.get("volumes", []) if v.get("secret", {}).get("secretName") == TOKENS_SECRET
+    ]
+    if len(volumes) != 1:
+        return [f"{len(volumes)} volumes of Secret {TOKENS_SECRET}"]
+    (volume,) = volumes
+    secret = volume["secret"]
+    problems = []
+    if secret.get("optional") is True:
+        problems.append("the token Secret is optional: a pod without it would start open")
+    mode = secret.get("defaultMode", 0o644)
+    fs_group = spec.get("securityContext", {}).get("fsGroup")
+    if not (mode & 0o004 or (mode & 0o040 and fs_group == POD_GID)):
+        problems.append(f"the token file (mode {mode:o}, fsGroup {fs_group}) is unreadable")
+    for container in spec["containers"]:
+        name = f"{obj['kind']}/{obj['metadata']['name']}/{container['name']}"
+        path = env_value(container, config_maps, "AUTH_TOKENS_FILE")
+        if path is None:
+            problems.append(f"{name}: AUTH_TOKENS_FILE is not set")
+            continue
+        mounts = [m for m in container.get("volumeMounts", []) if m["name"] == volume["name"]]
+        if len(mounts) != 1:
+            problems.append(f"{name}: the token volume is mounted {len(mounts)} times")
+            continue
+        (mount,) = mounts
+        if "subPath" in mount or "subPathExpr" in mount:
+            problems.append(f"{name}: the token Secret is mounted with a subPath (never updated)")
+        if mount.get("readOnly") is not True:
+            problems.append(f"{name}: the token Secret is mounted writable")
+        file = PurePosixPath(path)
+        if file.parent != PurePosixPath(mount["mountPath"]):
+            problems.append(f"{name}: AUTH_TOKENS_FILE={path} is not in {mount['mountPath']}")
+        items = {item["path"]: item["key"] for item in secret.get("items", [])}
+        key = items.get(file.name) if items else file.name
+        if key != TOKENS_KEY:
+            problems.append(f"{name}: AUTH_TOKENS_FILE={path} is not the Secret's key")
+    return problems
+
+
+def config_maps_of(objects: tuple[dict, ...]) -> dict[str, dict]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+
+
+@pytest.mark.parametrize("directory", DEPLOYABLES)
+def test_every_deployable_reads_its_tokens_from_the_mounted_secret(directory):
+    objects = render(directory)
+    config_maps = config_maps_of(objects)
+    assert token_mount_problems(workload(directory), config_maps) == []
+    (container,) = pod_spec(workload(directory))["containers"]
+    assert env_value(container, config_maps, "AUTH_TOKENS_FILE") == TOKENS_FILE
+
+
+def test_token_mount_check_catches_each_way_a_pod_would_miss_its_tokens():
+    objects = render("manifests/fallback")
+    config_maps = config_maps_of(objects)
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+
+    def broken(change) -> list[str]:
+        copied = copy.deepcopy(deployment)
+        spec = copied["spec"]["template"]["spec"]
+        change(spec, spec["containers"][0])
+        return token_mount_problems(copied, config_maps)
+
+    def sub_path(spec, container):
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "tokens")
+        mount["mountPath"] = TOKENS_FILE
+        mount["subPath"] = TOKENS_KEY
+
+    def optional(spec, container):
+        next(v for v in spec["volumes"] if v["name"] == "tokens")["secret"]["optional"] = True
+
+    def no_fs_group(spec, container):
+        del spec["securityContext"]["fsGroup"]
+
+    def elsewhere(spec, container):
+        container["env"] = [{"name": "AUTH_TOKENS_FILE", "value": "/etc/tokens/tokens"}]
+
+    def unset(spec, container):
+        del container["env"]
+
+    def no_volume(spec, container):
+        spec["volumes"] = [v for v in spec["volumes"] if v["name"] != "tokens"]
+
+    assert any("subPath" in p for p in broken(sub_path))
+    assert any("optional" in p for p in broken(optional))
+    assert any("unreadable" in p for p in broken(no_fs_group))  # mode 0440, root's group
+    assert any("is not in" in p for p in broken(elsewhere))
+    assert any("not set" in p for p in broken(unset))
+    assert broken(no_volume) == ["0 volumes of Secret fraud-predictor-tokens"]
+
+
+def rules_open_to_everyone(policy: dict) -> list[int]:
+    """Indexes of ingress rules with no `from`, or a peer that matches any pod anywhere."""
+    open_rules = []
+    for index, rule in enumerate(policy["spec"].get("ingress", [])):
+        peers = rule.get("from") or []
+        anyone = any(
+            peer.get("ipBlock", {}).get("cidr") in ("0.0.0.0/0", "::/0")
+            or (
+                peer.get("namespaceSelector") == {}
+                and not peer.get("podSelector", {}).get("matchLabels")
+                and not peer.get("podSelector", {}).get("matchExpressions")
+            )
+            for peer in peers
+        )
+        if not peers or anyone:
+            open_rules.append(index)
+    return open_rules
+
+
+# Who sends what to the pods, per deployable; anyone else gets nothing. Knative: the
+# activator and the gateways send traffic to queue-proxy, the autoscaler scrapes its 9090;
+# clients go through the gateway. Standard: clients, KServe's Ingress (Istio's gateway).
+# Fallback: clients, the ingress-nginx controller. Prometheus scrapes every mode.
+CALLERS = {
+    "client": ("payments", {"app": "checkout"}),
+    "unlabelled namespace": ("sandbox", {"app": "checkout"}),
+    "same namespace": ("fraud-detection", {"app": "checkout"}),
+    "prometheus": PROMETHEUS,
+    "grafana": ("monitoring", {"app.kubernetes.io/name": "grafana"}),
+    "ingress-nginx": ("ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"}),
+    "activator": ("knative-serving", {"app": "activator"}),
+    "autoscaler": ("knative-serving", {"app": "autoscaler"}),
+    "knative controller": ("knative-serving", {"app": "controller"}),
+    "istio gateway": ("istio-system", {"istio": "ingressgateway"}),
+    "kourier gateway": ("kourier-system", {"app": "3scale-kourier-gateway"}),
+}
+ADMITTED = {
+    "manifests/overlays/knative": {
+        "activator": {8012, 8022},
+        "istio gateway": {8012, 8022},
+        "kourier gateway": {8012, 8022},
+        "autoscaler": {9090},
+        "prometheus": {9091, 9088},
+    },
+    "manifests/overlays/standard": {
+        "client": {8080},
+        "istio gateway": {8080},
+        "prometheus": {8080},
+    },
+    "manifests/fallback": {
+        "client": {8080},
+        "ingress-nginx": {8080},
+        "prometheus": {8080},
+    },
+}
+
+
+def admitted_by_caller(policy: dict) -> dict[str, set[int | str]]:
+    found = {caller: admitted_from(policy, *where) for caller, where in CALLERS.items()}
+    return {caller: ports for caller, ports in found.items() if ports}
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZE_DIRS)
+def test_every_networkpolicy_rule_names_who_it_admits(directory):
+    policies = [o for o in render(directory) if o["kind"] == "NetworkPolicy"]
+    assert policies
+    for policy in policies:
+        assert rules_open_to_everyone(policy) == [], (directory, policy["spec"]["ingress"])
+
+
+@pytest.mark.parametrize("directory", DEPLOYABLES)
+def test_networkpolicies_admit_each_port_only_from_the_pods_that_use_it(directory):
+    policy = next(o for o in render(directory) if o["kind"] == "NetworkPolicy")
+    assert admitted_by_caller(policy) == ADMITTED[directory]
+
+
+def test_networkpolicy_checks_catch_a_rule_without_from():
+    policy = copy.deepcopy(
+        next(o for o in render("manifests/fallback") if o["kind"] == "NetworkPolicy")
+    )
+    del policy["spec"]["ingress"][0]["from"]
+    assert rules_open_to_everyone(policy) == [0]
+    assert admitted_by_caller(policy)["unlabelled namespace"] == {8080}
+    policy["spec"]["ingress"][0]["from"] = [{"namespaceSelector": {}}]
+    assert rules_open_to_everyone(policy) == [0]
+    policy["spec"]["ingress"][0]["from"] = [{"podSelector": {}}]  # its own namespace only
+    assert rules_open_to_everyone(policy) == []
+    assert admitted_by_caller(policy)["same namespace"] == {8080}
+
+
+# What the fallback Ingress publishes: the scoring doors and nothing else.
+PUBLISHED = [
+    "/v1/models/fraud-detector:predict",
+    "/v2/models/fraud-detector/infer",
+    "/v2/models/fraud-detector/versions/7/infer",
+]
+EXPLAIN = "/v1/models/fraud-detector:explain"
+EXPLAIN_PATHS = [EXPLAIN, "/V1/models/fraud-detector:EXPLAIN"]  # ingress-nginx's ~* ignores case
+UNPUBLISHED = [
+    "/v1/models/fraud-detector",
+    "/v1/models/fraud-detector:predictor",
+    "/v2/models/fraud-detector",
+    "/v2/models/fraud-detector/ready",
+    "/v2/models/fraud-detector/infer/more",
+    "/v2/models/fraud-detector/versions/7/../../explain/infer",
+    "/v2/health/ready",
+    "/v2/repository/index",
+    "/metrics",
+    "/docs",
+]
+
+
+def ingress_paths_reaching(ingress: dict, path: str) -> list[str]:
+    """The Ingress paths ingress-nginx routes `path` by. With use-regex, every path of the
+    host is `location ~* "^<path>"` (case-insensitive, a prefix unless anchored by `$`)."""
+    regex = ingress["metadata"].get("annotations", {}).get("nginx.ingress.kubernetes.io/use-regex")
+    found = []
+    for rule in ingress["spec"]["rules"]:
+        for entry in rule["http"]["paths"]:
+            pattern, kind = entry["path"], entry["pathType"]
+            if regex == "true":
+                reached = re.match(pattern, path, re.IGNORECASE) is not None
+            elif kind == "Exact":
+                reached = path == pattern
+            elif kind == "Prefix":
+                reached = path == pattern or path.startswith(pattern.rstrip("/") + "/")
+            else:
+                reached = path.startswith(pattern)
+            if reached:
+                found.append(pattern)
+    return found
+
+
+def tls_problems(ingress: dict) -> list[str]:
+    annotations = ingress["metadata"].get("annotations", {})
+    problems = [
+        f"{name} is not true"
+        for name in (
+            "nginx.ingress.kubernetes.io/ssl-redirect",
+            "nginx.ingress.kubernetes.io/force-ssl-redirect",
+        )
+        if annotations.get(name) != "true"
+    ]
+    covered = {
+        host
+        for entry in ingress["spec"].get("tls", [])
+        if entry.get("secretName")
+        for host in entry.get("hosts", [])
+    }
+    for rule in ingress["spec"]["rules"]:
+        if rule.get("host") not in covered:
+            problems.append(f"host {rule.get('host')} has no TLS certificate")
+    return problems
+
+
+def ingress_of(objects: tuple[dict, ...] | list[dict]) -> dict:
+    return next(o for o in objects if o["kind"] == "Ingress")
+
+
+def test_ingress_serves_only_https_with_a_certificate_for_every_host():
+    ingress = ingress_of(render("manifests/fallback"))
+    assert tls_problems(ingress) == []
+    assert {entry["secretName"] for entry in ingress["spec"]["tls"]} == {"fraud-predictor-tls"}
+
+
+def test_ingress_publishes_the_scoring_doors_and_not_explain():
+    ingress = ingress_of(render("manifests/fallback"))
+    service = next(o for o in render("manifests/fallback") if o["kind"] == "Service")
+    for path in PUBLISHED:
+        assert ingress_paths_reaching(ingress, path), path
+    for path in [*EXPLAIN_PATHS, *UNPUBLISHED]:
+        assert ingress_paths_reaching(ingress, path) == [], path
+    for rule in ingress["spec"]["rules"]:
+        for entry in rule["http"]["paths"]:
+            assert entry["backend"]["service"]["name"] == service["metadata"]["name"]
+
+
+def test_ingress_checks_catch_plain_http_and_a_prefix_reaching_explain():
+    ingress = copy.deepcopy(ingress_of(render("manifests/fallback")))
+    del ingress["spec"]["tls"]
+    del ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/force-ssl-redirect"]
+    problems = tls_problems(ingress)
+    assert "host fraud-predictor.example.com has no TLS certificate" in problems
+    assert "nginx.ingress.kubernetes.io/force-ssl-redirect is not true" in problems
+    paths = ingress["spec"]["rules"][0]["http"]["paths"]
+    paths[0]["path"] = "/v1/models/fraud-detector:predict"  # no $: a prefix
+    assert ingress_paths_reaching(ingress, "/v1/models/fraud-detector:predictor")
+    del ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/use-regex"]
+    paths[0].update(path="/v1", pathType="Prefix")
+    assert ingress_paths_reaching(ingress, EXPLAIN) == ["/v1"]
+
+
+def render_with_component(tmp_path: Path, deployable: str, component: str) -> list[dict]:
+    """The deployable as a user enables a component: one `components:` line added."""
+    copied = tmp_path / "repo"
+    shutil.copytree(ROOT / "manifests", copied / "manifests")
+    kustomization = copied / deployable / "kustomization.yaml"
+    relative = Path(*[".."] * (len(Path(deployable).parts) - 1), "components", component)
+    text = kustomization.read_text()
+    assert "components:\n" in text
+    kustomization.write_text(text.replace("components:\n", f"components:\n  - {relative}\n"))
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(copied / deployable)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def test_publish_explain_component_adds_explain_and_nothing_else(tmp_path):
+    objects = render_with_component(tmp_path, "manifests/fallback", "publish-explain")
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    ingress = ingress_of(objects)
+    assert tls_problems(ingress) == []
+    for path in [*PUBLISHED, *EXPLAIN_PATHS]:
+        assert ingress_paths_reaching(ingress, path), path
+    for path in UNPUBLISHED:
+        assert ingress_paths_reaching(ingress, path) == [], path
+    service = next(o for o in objects if o["kind"] == "Service")
+    backends = {
+        e["backend"]["service"]["name"] for e in ingress["spec"]["rules"][0]["http"]["paths"]
+    }
+    assert backends == {service["metadata"]["name"]}
+    unchanged = [o for o in objects if o["kind"] != "Ingress"]
+    assert unchanged == [o for o in render("manifests/fallback") if o["kind"] != "Ingress"]
+
+
+def published_beyond_loopback(compose: dict) -> list[str]:
+    """Compose ports published on every host interface (short or long syntax)."""
+    problems = []
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            if isinstance(port, dict):
+                host_ip = port.get("host_ip")
+            else:
+                parts = str(port).rsplit(":", 2)
+                host_ip = parts[0] if len(parts) == 3 else None
+            if host_ip != "127.0.0.1":
+                problems.append(f"{name}: {port}")
+    return problems
+
+
+def compose_file() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_publishes_ports_on_loopback_only():
+    compose = compose_file()
+    assert published_beyond_loopback(compose) == []
+    published = {p for s in compose["services"].values() for p in s.get("ports", [])}
+    assert published == {"127.0.0.1:5000:5000", "127.0.0.1:8080:8080"}
+
+
+def test_loopback_check_catches_ports_on_every_interface():
+    compose = compose_file()
+    compose["services"]["predictor"]["ports"] = ["8080:8080", "9000"]
+    compose["services"]["mlflow"]["ports"] = [{"target": 5000, "published": 5000}]
+    assert published_beyond_loopback(compose) == [
+        "mlflow: {'target': 5000, 'published': 5000}",
+        "predictor: 8080:8080",
+        "predictor: 9000",
+    ]
+
+
+def image_env(dockerfile: str, target: str) -> dict[str, str]:
+    """The ENV a Dockerfile stage ends with, its parent stages' included."""
+    text = re.sub(r"\\\n", " ", dockerfile)
+    stages: dict[str, dict[str, str]] = {}
+    current: dict[str, str] = {}
+    for line in text.splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "FROM":
+            base, name = (words[-3], words[-1]) if words[-2].upper() == "AS" else (words[-1],) * 2
+            current = dict(stages[base]) if base in stages else {}
+            stages[name] = current
+        elif words[0] == "ENV":
+            pairs = shlex.split(line.split(None, 1)[1])
+            if "=" not in pairs[0]:  # the legacy `ENV NAME value` form
+                pairs = [f"{pairs[0]}={' '.join(pairs[1:])}"]
+            current.update(pair.split("=", 1) for pair in pairs)
+    return stages[target]
+
+
+def test_image_listens_on_every_interface_of_its_container():
+    env = image_env((ROOT / "Dockerfile").read_text(), "serving")
+    assert env["BIND_ADDRESS"] == "0.0.0.0"
+    assert env["HOME"] == "/tmp"  # the runtime stage's ENV, inherited
+
+
+def test_image_env_check_catches_a_server_left_on_loopback():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "BIND_ADDRESS" not in image_env(text, "trainer")
+    broken = re.sub(r"^ENV BIND_ADDRESS=\S+\n", "", text, flags=re.M)
+    assert broken != text and "BIND_ADDRESS" not in image_env(broken, "serving")

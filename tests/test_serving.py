@@ -25,7 +25,8 @@ from support import free_port
 from predictor import registry
 from predictor.codec import V2_INPUTS, v2_request_body
 from predictor.features import FEATURE_NAMES, build_features, feature_frame
-from predictor.model import INLINE_MAX_BODY_BYTES, INLINE_MAX_ROWS, FraudModel
+from predictor.model import FraudModel
+from predictor.offload import INLINE_MAX_BODY_BYTES, INLINE_MAX_ROWS
 from predictor.schema import FIELD_ORDER, validate_rows
 from predictor.settings import Settings
 
