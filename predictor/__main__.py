@@ -150,6 +150,7 @@ def serve(args: argparse.Namespace) -> int:
         event_loop=args.event_loop,
     )
     server.start([])  # returns after a graceful shutdown (SIGTERM/SIGINT)
+    model.close_ledger()
     return 0
 
 

@@ -192,10 +192,10 @@ class FraudInferenceServicer(InferenceServicer):
 
 def check_grpc_request(request: pb.ModelInferRequest, max_rows: int) -> None:
     """Shapes [n] with n <= max_rows, and raw contents of the size their shape implies."""
-    if len(request.inputs) > len(codec.V2_INPUTS):
+    if len(request.inputs) > len(codec.V2_ACCEPTED_INPUTS):
         raise InvalidInput(
             f"inputs: {len(request.inputs)} tensors; expected the {len(codec.V2_INPUTS)} "
-            f"{list(codec.V2_INPUTS)}"
+            f"{list(codec.V2_INPUTS)} and optionally {list(codec.V2_OPTIONAL_INPUTS)}"
         )
     for index, tensor in enumerate(request.inputs):
         shape = list(tensor.shape)

@@ -77,6 +77,20 @@ AUTH_DENIED = Counter(
     " token), invalid (unknown or malformed token) or scope (valid token without the scope).",
     ["reason"],
 )
+DECISIONS_RECORDED = Counter(
+    "fraud_decisions_recorded",
+    "Decisions (one per scored transaction) written to the decision ledger.",
+)
+DECISIONS_DROPPED = Counter(
+    "fraud_decisions_dropped",
+    "Decisions that could not be recorded: the ledger's queue (and spool) were full, or"
+    " the process stopped before the database took them.",
+)
+DECISIONS_PENDING = Gauge(
+    "fraud_decision_log_pending",
+    "Decisions answered but not yet in the ledger's database (queued in memory or spooled).",
+    multiprocess_mode="livesum",
+)
 EXPLAINED = Counter(
     "fraud_explained_transactions",
     "Transactions explained (reason codes) by :explain; latency and request counts are in"

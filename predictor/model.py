@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import gc
 import logging
 import sys
@@ -21,6 +22,8 @@ from predictor import codec, metrics, registry
 from predictor.engine import Scorer, build_scorer, with_native_trees
 from predictor.explain import Explainer, ExplainerUnavailable, explain_rows
 from predictor.features import build_features
+from predictor.ledger import DecisionLog, Scored, open_decision_log
+from predictor.ledger import now as ledger_now
 from predictor.lifecycle import ModelWatcher
 from predictor.offload import INLINE_MAX_ROWS, is_small, run_sized
 from predictor.settings import Settings
@@ -57,12 +60,15 @@ class Serving:
 
 @dataclass(frozen=True)
 class Batch:
-    """A validated request: its feature matrix, for V2 the request to answer, and the
-    decoded transactions (reason codes quote them as sent)."""
+    """A validated request: its feature matrix, for V2 the request to answer, the decoded
+    transactions (reason codes and the ledger quote them as sent), and for the ledger the
+    request's id and door."""
 
     features: np.ndarray
     v2_request: InferRequest | None
     decoded: codec.Decoded
+    request_id: str | None = None
+    protocol: str = "v1"
 
 
 class FraudModel(Model):
@@ -73,6 +79,8 @@ class FraudModel(Model):
         self.settings = settings
         self._serving: Serving | None = None
         self._watcher: ModelWatcher | None = None
+        #: Where decisions are recorded (per process, opened by start_watching).
+        self._ledger: DecisionLog | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """KServe pickles the model into each `--workers` process: ship config, not state.
@@ -80,7 +88,7 @@ class FraudModel(Model):
         Every worker loads and watches its own copy (see `start_watching`).
         """
         state = self.__dict__.copy()
-        state.update(_serving=None, _watcher=None, ready=False)
+        state.update(_serving=None, _watcher=None, _ledger=None, ready=False)
         return state
 
     @property
@@ -93,8 +101,17 @@ class FraudModel(Model):
         `marks_ready`: record this process as a ready worker once loaded (false for the
         parent of `--workers N`, which serves gRPC only)."""
         if self._watcher is None:
+            self._ledger = open_decision_log(self.settings)
+            if self._ledger is not None:
+                atexit.register(self._ledger.close)
             self._watcher = ModelWatcher(self, self.settings, marks_ready=marks_ready)
             self._watcher.start()
+
+    def close_ledger(self) -> None:
+        """Write every recorded decision before the process exits (idempotent): after the
+        server has answered its last request."""
+        if self._ledger is not None:
+            self._ledger.close()
 
     def stop(self) -> None:
         if self._watcher is not None:
@@ -188,15 +205,23 @@ class FraudModel(Model):
     ) -> Batch:
         """Validate the whole batch and build its features (large batches off the loop)."""
         small = is_small(rows=_declared_rows(payload), body_bytes=_body_bytes(headers))
-        return await run_sized(small, self._decode, payload)
+        return await run_sized(small, self._decode, payload, headers)
 
-    def _decode(self, payload: Any) -> Batch:
+    def _decode(self, payload: Any, headers: dict[str, str] | None = None) -> Batch:
         max_rows = self.settings.max_batch_rows
+        request_id = (headers or {}).get("x-request-id")
         if isinstance(payload, InferRequest):
             decoded = codec.decode_v2(payload, max_rows)
-            return Batch(build_features(decoded.columns), payload, decoded)
+            protocol = "grpc" if payload.from_grpc else "v2"
+            return Batch(
+                build_features(decoded.columns),
+                payload,
+                decoded,
+                payload.id or request_id,
+                protocol,
+            )
         decoded = codec.decode_v1(payload, max_rows)
-        return Batch(build_features(decoded.columns), None, decoded)
+        return Batch(build_features(decoded.columns), None, decoded, request_id, "v1")
 
     async def predict(
         self,
@@ -218,11 +243,27 @@ class FraudModel(Model):
         probabilities = _checked_probabilities(serving, payload.features)
         decisions = probabilities >= serving.threshold
         metrics.observe_scores(probabilities, decisions)
+        ids = payload.decoded.answered_ids()
+        if self._ledger is not None:
+            self._ledger.record(
+                Scored(
+                    payload.decoded,
+                    ids,
+                    probabilities,
+                    decisions,
+                    ledger_now(),
+                    self.name,
+                    serving.version,
+                    serving.threshold,
+                    payload.request_id,
+                    payload.protocol,
+                )
+            )
         if payload.v2_request is not None:
             return codec.encode_v2(
-                payload.v2_request, self.name, probabilities, decisions, serving.version
+                payload.v2_request, self.name, probabilities, decisions, serving.version, ids
             )
-        return codec.encode_v1(probabilities, decisions, serving.version)
+        return codec.encode_v1(probabilities, decisions, serving.version, ids)
 
     def validate(self, payload: Any) -> Any:
         """Nothing to add: `preprocess` validated the whole batch (KServe's own check
@@ -258,7 +299,8 @@ class FraudModel(Model):
         return {"explanations": explanations, "model_version": serving.version}
 
     def get_input_types(self) -> list[dict]:
-        return codec.tensor_metadata(codec.V2_INPUTS)
+        """The transaction's fields, then the optional `transaction_id`."""
+        return codec.tensor_metadata(codec.V2_ACCEPTED_INPUTS)
 
     def get_output_types(self) -> list[dict]:
         return codec.tensor_metadata(codec.V2_OUTPUTS)

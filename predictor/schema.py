@@ -88,6 +88,15 @@ CustomerAge = Annotated[StrictInt, Field(ge=18, le=120)]
 AccountAge = Annotated[StrictInt, Field(ge=0, le=MAX_ACCOUNT_AGE_DAYS)]
 
 
+#: A client's id for a transaction (not a feature): printable text, at most this long.
+MAX_TRANSACTION_ID_CHARS = 128
+TransactionId = Annotated[
+    str,
+    Field(strict=True, min_length=1, max_length=MAX_TRANSACTION_ID_CHARS),
+    AfterValidator(_printable_text),
+]
+
+
 class Transaction(BaseModel):
     """A card transaction as a client sends it; unknown fields are refused, not ignored.
 
@@ -135,6 +144,7 @@ _COLUMNS = TypeAdapter(
     )
 )
 _FIELD_INDEX = {name: index for index, name in enumerate(FIELD_ORDER)}
+_TRANSACTION_IDS = TypeAdapter(list[TransactionId | None])
 _fields_of = itemgetter(*FIELD_ORDER)
 
 
@@ -234,6 +244,20 @@ def validate_columns(
             for item in error.errors(include_url=False)
         ]
         items.sort(key=lambda item: (item["loc"][0], _FIELD_INDEX[item["loc"][1]]))
+        raise InvalidTransactions(describe_errors(items, locate)) from None
+
+
+def validate_transaction_ids(
+    ids: Sequence[Any], locate: Locate = instance_location, field: str = "transaction_id"
+) -> list[str | None]:
+    """Each row's transaction id (None: the server makes one), or InvalidTransactions
+    naming the row as for any field."""
+    try:
+        return _TRANSACTION_IDS.validate_python(ids)
+    except ValidationError as error:
+        items = [
+            {**item, "loc": (item["loc"][0], field)} for item in error.errors(include_url=False)
+        ]
         raise InvalidTransactions(describe_errors(items, locate)) from None
 
 

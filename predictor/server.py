@@ -189,9 +189,9 @@ def parse_v2_json(body: bytes) -> InferenceRequest:
     except orjson.JSONDecodeError as error:
         raise InvalidInput(f"request body is not valid JSON ({error})") from None
     inputs = parsed.get("inputs") if isinstance(parsed, dict) else None
-    if isinstance(inputs, list) and len(inputs) > len(codec.V2_INPUTS):
+    if isinstance(inputs, list) and len(inputs) > len(codec.V2_ACCEPTED_INPUTS):
         names = [t.get("name") if isinstance(t, dict) else t for t in inputs]
-        unknown = [name for name in names if name not in codec.V2_INPUTS]
+        unknown = [name for name in names if name not in codec.V2_ACCEPTED_INPUTS]
         if unknown:
             raise InvalidInput(
                 f"inputs: unknown tensor(s) {shown_list(unknown)}; expected {list(codec.V2_INPUTS)}"
@@ -240,7 +240,9 @@ class FraudDataPlane(DataPlane):
         """A V2 REST body (JSON or binary extension) as KServe's InferRequest, or 400."""
         json_length = headers.get(INFERENCE_CONTENT_LENGTH_HEADER)
         if json_length is not None:
-            check_binary_request(body, json_length, codec.V2_INPUTS, self.settings.max_batch_rows)
+            check_binary_request(
+                body, json_length, codec.V2_ACCEPTED_INPUTS, self.settings.max_batch_rows
+            )
             request_body: bytes | InferenceRequest = body
         else:
             request_body = parse_v2_json(body)
@@ -407,6 +409,9 @@ def prepare_serving_process(dataplane: FraudDataPlane) -> None:
     for model in dataplane.model_registry.get_models().values():
         if isinstance(model, FraudModel):
             model.start_watching()
+            # After the server's last answer (uvicorn drains requests, then the app's
+            # lifespan ends): every recorded decision is written before the process exits.
+            kserve_model_server.app.router.add_event_handler("shutdown", model.close_ledger)
 
 
 class FraudModelServer(ModelServer):

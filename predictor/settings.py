@@ -11,6 +11,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from predictor.schema import error_message
+from predictor.store import backend_of
 
 DEFAULT_MODEL_NAME = "fraud-detector"
 DEFAULT_ALIAS = "champion"
@@ -42,10 +43,21 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(default=64 * 1024, ge=1024)
     auth_tokens_file: Path | None = None
     bind_address: str = "127.0.0.1"
+    decision_log_uri: str | None = None
+    decision_log_flush_seconds: float = Field(default=0.2, gt=0, le=60)
+    decision_log_max_pending: int = Field(default=100_000, ge=1)
+    decision_log_spool_path: Path | None = None
     log_format: Literal["text", "json"] = "text"
     access_log: bool = False
 
-    @field_validator("mlflow_tracking_uri", "decision_threshold", "auth_tokens_file", mode="before")
+    @field_validator(
+        "mlflow_tracking_uri",
+        "decision_threshold",
+        "auth_tokens_file",
+        "decision_log_uri",
+        "decision_log_spool_path",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
@@ -65,6 +77,23 @@ class Settings(BaseSettings):
     def _bind_address_is_an_ip(cls, value: str) -> str:
         ipaddress.ip_address(value)  # ValueError names the problem
         return value
+
+    @field_validator("decision_log_uri")
+    @classmethod
+    def _decision_log_uri_shape(cls, value: str | None) -> str | None:
+        if value is not None and value != "none":
+            backend_of(value)  # ValueError names the accepted forms
+        return value
+
+    @property
+    def decision_log_location(self) -> str:
+        """DECISION_LOG_URI, or its default: a SQLite file beside the embedded store, and
+        `none` with a remote registry (decisions are kept where the model is)."""
+        if self.decision_log_uri is not None:
+            return self.decision_log_uri
+        if self.uses_embedded_store:
+            return f"sqlite:///{self.local_store_dir.resolve() / 'decisions.db'}"
+        return "none"
 
     @property
     def uses_embedded_store(self) -> bool:

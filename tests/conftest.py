@@ -9,9 +9,11 @@ import pytest
 from support import (
     TEST_ROWS,
     MlflowServer,
+    PostgresServer,
     Predictor,
     launch_predictor,
     start_mlflow_server,
+    start_postgres,
     stop,
 )
 
@@ -69,3 +71,13 @@ def example_transactions() -> list[dict]:
     from predictor.data import generate_transactions, transaction_payloads
 
     return transaction_payloads(generate_transactions(rows=400, fraud_rate=0.2, seed=123))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the decision ledger (Debian's package)."""
+    server = start_postgres()
+    if server is None:
+        pytest.skip("PostgreSQL is not installed (Debian package postgresql; .ci/run installs it)")
+    yield server
+    server.remove()
