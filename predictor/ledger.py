@@ -208,8 +208,10 @@ class DecisionLog:
             self._queue.append(scored)
             self._queued_rows += rows
         metrics.DECISIONS_PENDING.inc(rows)
-        if self._queued_rows >= MAX_BATCH_ROWS:
-            self._wake.set()
+        if self._queued_rows >= MAX_BATCH_ROWS or (
+            self.spool is not None and self._queued_rows > self.max_pending
+        ):
+            self._wake.set()  # a batch to write, or (in an outage) rows to move to disk
         return True
 
     @property
@@ -254,11 +256,15 @@ class DecisionLog:
 
     def _run(self) -> None:
         delay = self.flush_seconds
+        retry_at = 0.0
         while True:
             stopping = self._stopping.is_set()
             if not stopping:
-                self._wake.wait(delay)
+                self._wake.wait(max(0.0, retry_at - time.monotonic()) or delay)
                 self._wake.clear()
+                if self._failing_since is not None and time.monotonic() < retry_at:
+                    self._move_to_spool()  # woken in an outage: make room, retry later
+                    continue
             try:
                 self._flush()
                 delay = self.flush_seconds
@@ -284,6 +290,7 @@ class DecisionLog:
                     self._store = None
                 self._move_to_spool()
                 delay = min(MAX_RETRY_SECONDS, max(self.flush_seconds, delay * 2))
+                retry_at = time.monotonic() + delay
                 if stopping:
                     return  # close() spools or counts what is left
                 continue
@@ -334,11 +341,12 @@ class DecisionLog:
         """The oldest queued requests, up to MAX_BATCH_ROWS rows (at least one request);
         they stay queued until written."""
         batch, rows = [], 0
-        for scored in self._queue:
-            if batch and rows + len(scored) > MAX_BATCH_ROWS:
-                break
-            batch.append(scored)
-            rows += len(scored)
+        with self._lock:  # requests append while this reads
+            for scored in self._queue:
+                if batch and rows + len(scored) > MAX_BATCH_ROWS:
+                    break
+                batch.append(scored)
+                rows += len(scored)
         return batch
 
     def _move_to_spool(self) -> None:

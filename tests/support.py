@@ -212,8 +212,9 @@ class PostgresServer:
 
     def start(self) -> None:
         options = (
-            f"-p {self.port} -h 127.0.0.1 -k {self.data_dir} -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off"
+            # fsync off: a stopped server keeps what it committed in the OS's cache, which
+            # the outage tests need (synchronous_commit stays on).
+            f"-p {self.port} -h 127.0.0.1 -k {self.data_dir} -c fsync=off -c full_page_writes=off"
         )
         self._pg_ctl("-l", str(self.data_dir / "server.log"), "-o", options, "-w", "start")
 
