@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pandas as pd
 
 from predictor.schema import (
@@ -217,6 +218,46 @@ def read_transactions_csv(path: str | Path) -> pd.DataFrame:
     if not frame[LABEL].isin([0, 1]).all():
         raise InvalidDataset(f"column {LABEL!r} must hold only 0 and 1")
     to_columns(frame)  # the server's rules; raises naming the first bad rows
+    return frame
+
+
+_LABELLED = """
+WITH ranked AS (
+    SELECT transaction_id, "transaction", scored_at,
+           ROW_NUMBER() OVER (PARTITION BY transaction_id ORDER BY scored_at DESC) AS newest
+    FROM decisions WHERE scored_at >= ?
+)
+SELECT r."transaction", o.is_fraud
+FROM ranked r JOIN outcomes o ON o.transaction_id = r.transaction_id
+WHERE r.newest = 1
+ORDER BY r.scored_at, r.transaction_id
+"""
+
+
+def read_ledger_transactions(uri: str, since: datetime | None = None) -> pd.DataFrame:
+    """Labelled production traffic: each transaction of the decision ledger as its client
+    sent it (latest decision), with its imported outcome; validated with the server's rules."""
+    from predictor.store import Store, StoreError
+
+    try:
+        store = Store(uri)
+    except StoreError as error:
+        raise InvalidDataset(str(error)) from None
+    try:
+        moment = since or datetime(1970, 1, 1, tzinfo=UTC)
+        rows = store.query(_LABELLED, (store.timestamp(moment),))
+    except Exception as error:
+        raise InvalidDataset(f"reading the ledger: {' '.join(str(error).split())}") from None
+    finally:
+        store.close()
+    if not rows:
+        raise InvalidDataset("the ledger has no labelled decisions (import outcomes first)")
+    records = []
+    for transaction, is_fraud in rows:
+        fields = orjson.loads(transaction) if isinstance(transaction, str | bytes) else transaction
+        records.append({**{name: fields.get(name) for name in FIELD_ORDER}, LABEL: int(is_fraud)})
+    frame = pd.DataFrame.from_records(records, columns=list(CSV_COLUMNS))
+    to_columns(frame)  # the server's rules; raises naming the first bad row
     return frame
 
 

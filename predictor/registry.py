@@ -21,7 +21,11 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.protos.databricks_pb2 import (
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_DOES_NOT_EXIST,
+    ErrorCode,
+)
 
 from predictor.features import FEATURE_NAMES
 from predictor.schema import shown
@@ -94,7 +98,17 @@ def connect(tracking_uri: str) -> MlflowClient:
 
 
 def is_missing(error: MlflowException) -> bool:
-    return error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+    """Whether the registry said "no such model, version or alias". MLflow answers an
+    alias that the model does not have with INVALID_PARAMETER_VALUE, not
+    RESOURCE_DOES_NOT_EXIST (the embedded store and the server alike)."""
+    if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+        return True
+    message = str(error).lower()
+    return (
+        error.error_code == ErrorCode.Name(INVALID_PARAMETER_VALUE)
+        and "alias" in message
+        and "not found" in message
+    )
 
 
 def alias_of(model_uri: str) -> tuple[str, str] | None:

@@ -161,3 +161,74 @@ def test_help_documents_every_option():
         "--learning-rate",
     ):
         assert option in result.stdout
+
+
+def labelled_ledger(path: Path, rows: int = 4_000, seed: int = 11) -> str:
+    """A SQLite decision ledger of generated transactions, each with its true outcome."""
+    from datetime import UTC, datetime, timedelta
+
+    import orjson
+
+    from predictor.data import transaction_payloads
+    from predictor.store import Store as Ledger
+
+    frame = generate_transactions(rows=rows, fraud_rate=0.1, seed=seed)
+    uri = f"sqlite:///{path}"
+    ledger = Ledger(uri)
+    ledger.migrate()
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    decisions = [
+        (
+            f"l-{n}",
+            None,
+            start + timedelta(minutes=n),
+            NAME,
+            "1",
+            0.5,
+            0.5,
+            False,
+            orjson.dumps(payload).decode(),
+            "v1",
+            None,
+            None,
+        )
+        for n, payload in enumerate(transaction_payloads(frame))
+    ]
+    ledger.write_decisions(decisions)
+    ledger.replace_outcomes(
+        (f"l-{n}", bool(label), None, "test") for n, label in enumerate(frame[LABEL].tolist())
+    )
+    ledger.close()
+    return uri
+
+
+def test_training_from_the_ledger_registers_a_challenger_from_labelled_traffic(
+    store: Store, tmp_path: Path
+):
+    uri = labelled_ledger(tmp_path / "decisions.db")
+    result = run_cli(
+        ["--from-ledger", uri, "--since", "2026-11-02", "--alias", "challenger", "--force"],
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": store.uri},
+    )
+    assert result.returncode == 0, result.stderr
+    version = store.client.get_model_version_by_alias(NAME, "challenger")
+    run = store.client.get_run(version.run_id)
+    assert run.data.params["ledger"] == uri
+    # 4,000 minutes from Nov 1: the rows scored from Nov 2 on (1,440 minutes in)
+    assert "2560 transactions" in result.stdout, result.stdout
+    assert store.client.get_model_version_by_alias(NAME, "champion").version != version.version
+
+
+def test_training_from_an_empty_or_unreadable_ledger_exits_2(tmp_path: Path):
+    from predictor.store import Store as Ledger
+
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    Ledger(empty).migrate()
+    for uri, message in (
+        (empty, "no labelled decisions"),
+        ("postgresql://nobody:secret@127.0.0.1:9/none", "cannot connect"),
+    ):
+        result = run_cli(["--from-ledger", uri], cwd=tmp_path, env={"LOCAL_STORE_DIR": "store"})
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and "secret" not in result.stderr

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from predictor.data import InvalidDataset
+from predictor.report import parse_day_or_time
 from predictor.training.config import TrainingConfig
 from predictor.training.register import ensure_demo_model, mlflow_destination, train_and_register
 
@@ -30,6 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed")
     parser.add_argument(
         "--csv", type=Path, default=None, help="train on this CSV (transaction columns + is_fraud)"
+    )
+    parser.add_argument(
+        "--from-ledger",
+        metavar="URI",
+        default=None,
+        help="train on the decision ledger's labelled transactions (sqlite:///... or "
+        "postgresql://...): each as its client sent it, with its imported outcome",
+    )
+    parser.add_argument(
+        "--since", default=None, help="with --from-ledger: decisions from this day (UTC)"
     )
     parser.add_argument("--model-name", default=defaults.model_name, help="registered model")
     parser.add_argument("--alias", default=defaults.alias, help="alias to move if the model wins")
@@ -66,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         fraud_rate=args.fraud_rate,
         seed=args.seed,
         csv=args.csv,
+        ledger=args.from_ledger,
+        ledger_since=args.since,
         model_name=args.model_name,
         alias=args.alias,
         experiment=args.experiment,
@@ -81,6 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.bootstrap_embedded:
             ensure_demo_model(settings)
             return 0
+        if args.since and not args.from_ledger:
+            raise InvalidDataset("--since needs --from-ledger")
+        if args.since:
+            try:
+                parse_day_or_time(args.since)
+            except ValueError:
+                raise InvalidDataset(f"--since: {args.since!r} is not a date") from None
         if config.rows < 100 or not 0 < config.fraud_rate < 1:
             raise InvalidDataset("--rows must be >= 100 and --fraud-rate between 0 and 1")
         train_and_register(config, *mlflow_destination(settings))

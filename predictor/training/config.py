@@ -24,6 +24,9 @@ class TrainingConfig:
     fraud_rate: float = 0.02
     seed: int = 42
     csv: Path | None = None
+    #: Train on the decision ledger's labelled transactions (a database URI) instead.
+    ledger: str | None = None
+    ledger_since: str | None = None
     model_name: str = DEFAULT_MODEL_NAME
     alias: str = DEFAULT_ALIAS
     experiment: str = DEFAULT_EXPERIMENT

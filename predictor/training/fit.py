@@ -13,15 +13,21 @@ from predictor.data import (
     LABEL,
     InvalidDataset,
     generate_transactions,
+    read_ledger_transactions,
     read_transactions_csv,
     to_columns,
 )
 from predictor.features import build_features
+from predictor.report import parse_day_or_time
 from predictor.training.config import Splits, TrainingConfig
 
 
 def load_dataset(config: TrainingConfig):
-    """The user's CSV (validated with the server's rules) or seeded synthetic data."""
+    """The ledger's labelled traffic or the user's CSV (both validated with the server's
+    rules), or seeded synthetic data."""
+    if config.ledger is not None:
+        since = parse_day_or_time(config.ledger_since) if config.ledger_since else None
+        return read_ledger_transactions(config.ledger, since)
     if config.csv is not None:
         return read_transactions_csv(config.csv)
     return generate_transactions(config.rows, config.fraud_rate, config.seed)

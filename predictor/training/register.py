@@ -17,6 +17,7 @@ from predictor import registry
 from predictor.data import LABEL
 from predictor.features import feature_frame
 from predictor.settings import Settings, embedded_artifact_location
+from predictor.store import redacted
 from predictor.training.config import Log, Splits, TrainingConfig, TrainingResult, step
 from predictor.training.fit import choose_threshold, evaluate, fit, load_dataset, plots, split
 
@@ -90,6 +91,8 @@ def train_and_register(
     example = feature_frame(splits.x_test[:5])
     signature = infer_signature(example, model.predict_proba(example.to_numpy()))
     params = {k: v for k, v in asdict(config).items() if v is not None}
+    if config.ledger is not None:  # the data's source, never its credentials
+        params["ledger"] = redacted(config.ledger)
     with (
         step(log, "logging the run and registering the model"),
         mlflow.start_run(experiment_id=experiment_id) as run,
