@@ -46,6 +46,7 @@ from processes import (
     MLFLOW_SERVER_ENV,
     free_port,
     mlflow_server_command,
+    start_postgres,
     stop_group,
     wait_until_ready,
 )
@@ -257,10 +258,12 @@ def metric_sum(base_url: str, name: str) -> float:
     return sum(float(m[3]) for m in re.finditer(rf"^({name})(\{{[^}}]*\}})? (\S+)$", text, re.M))
 
 
-def start_predictor(stack: Stack, tracking_uri: str, workers: int) -> tuple[Target, float]:
+def start_predictor(
+    stack: Stack, tracking_uri: str, workers: int, env: dict[str, str] | None = None
+) -> tuple[Target, float]:
     port = free_port()
     process = stack.start(
-        f"predictor-{workers}w",
+        f"predictor-{workers}w-{port}",
         [
             sys.executable,
             "-m",
@@ -272,7 +275,7 @@ def start_predictor(stack: Stack, tracking_uri: str, workers: int) -> tuple[Targ
             "--workers",
             str(workers),
         ],
-        {"MLFLOW_TRACKING_URI": tracking_uri},
+        {"MLFLOW_TRACKING_URI": tracking_uri, **(env or {})},
     )
     base = f"http://127.0.0.1:{port}"
     ready = wait_ready(f"{base}/v2/health/ready", process)
@@ -405,6 +408,59 @@ def engine_floors(tracking_uri: str, payloads: list[dict]) -> list[str]:
     return lines
 
 
+def ledger_run(
+    stack: Stack, tracking_uri: str, args: argparse.Namespace, payloads: list[dict]
+) -> list[str]:
+    """The decision ledger's cost: c=8 single-row throughput with the ledger on a real
+    PostgreSQL against the ledger off, in alternating rounds on two live servers, and
+    decisions written per second at saturation (100-row batches, c=8)."""
+    postgres = start_postgres()
+    if postgres is None:
+        return ["ledger: PostgreSQL is not installed (Debian package postgresql): skipped"]
+    try:
+        off, _ = start_predictor(stack, tracking_uri, 1, {"DECISION_LOG_URI": "none"})
+        on, _ = start_predictor(stack, tracking_uri, 1, {"DECISION_LOG_URI": postgres.url})
+        for target in (off, on):
+            settled_engine(target.base_url)
+        rates: dict[str, list[float]] = {"off": [], "on": []}
+        concurrency = max(args.concurrency)
+        for _ in range(args.ledger_rounds):
+            for name, target in (("off", off), ("on", on)):
+                result = drive(target, 1, concurrency, args.requests, payloads)
+                assert not result.failures, f"ledger {name}: {result.failures} failed"
+                rates[name].append(result.requests_per_second)
+        median_off, median_on = (statistics.median(rates[k]) for k in ("off", "on"))
+        lines = [
+            f"ledger rows=1 c={concurrency}: off {median_off:.0f} req/s, on (PostgreSQL) "
+            f"{median_on:.0f} req/s: {median_on / median_off:.2f}x "
+            f"(medians of {args.ledger_rounds} alternating rounds: off "
+            f"{', '.join(f'{r:.0f}' for r in rates['off'])}; on "
+            f"{', '.join(f'{r:.0f}' for r in rates['on'])})"
+        ]
+        # Saturation: as many decisions as the server can score, then until all are written.
+        before = metric_sum(on.base_url, "fraud_decisions_recorded_total")
+        began = time.perf_counter()
+        result = drive(on, 100, concurrency, max(200, args.requests // 4), payloads)
+        scored_seconds = time.perf_counter() - began
+        pending_peak = metric_sum(on.base_url, "fraud_decision_log_pending")
+        while metric_sum(on.base_url, "fraud_decision_log_pending") > 0:
+            if time.perf_counter() - began > 120:
+                break
+            time.sleep(0.05)
+        written = metric_sum(on.base_url, "fraud_decisions_recorded_total") - before
+        elapsed = time.perf_counter() - began
+        lines.append(
+            f"ledger at saturation (100-row batches, c={concurrency}): "
+            f"{result.requests_per_second * 100:.0f} decisions/s scored, {written:.0f} written in "
+            f"{elapsed:.2f} s = {written / elapsed:.0f} decisions/s (scoring took "
+            f"{scored_seconds:.2f} s; pending at its end {pending_peak:.0f}); dropped "
+            f"{metric_sum(on.base_url, 'fraud_decisions_dropped_total'):.0f}"
+        )
+        return lines
+    finally:
+        postgres.remove()
+
+
 def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
     from predictor.training import TrainingConfig, train_and_register
 
@@ -425,6 +481,9 @@ def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
             print(line, file=sys.stderr)
         if args.startup_only:
             print("\n".join(startup))
+            return 0
+        if args.ledger_only:
+            print("\n".join(ledger_run(stack, tracking_uri, args, payloads)))
             return 0
         floors = engine_floors(tracking_uri, payloads)
         one, one_ready = start_predictor(stack, tracking_uri, workers=1)
@@ -551,6 +610,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--startup-rounds", type=int, default=3, help="start-up measurements")
     parser.add_argument(
         "--startup-only", action="store_true", help="measure start-up only (full run only)"
+    )
+    parser.add_argument(
+        "--ledger-only",
+        action="store_true",
+        help="measure the decision ledger's cost only: PostgreSQL on vs off (full run only)",
+    )
+    parser.add_argument(
+        "--ledger-rounds", type=int, default=5, help="alternating rounds of ledger on/off"
     )
     args = parser.parse_args(argv)
     payloads = transaction_payloads(generate_transactions(rows=2_000, fraud_rate=0.05, seed=1))

@@ -6,14 +6,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from processes import PostgresServer, start_postgres
 from support import (
     TEST_ROWS,
     MlflowServer,
-    PostgresServer,
     Predictor,
     launch_predictor,
     start_mlflow_server,
-    start_postgres,
     stop,
 )
 

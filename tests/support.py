@@ -5,14 +5,10 @@ Every wait is bounded in time.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import pwd
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,88 +171,3 @@ def launch_predictor(
             stop(process)
             raise RuntimeError(f"{error}\n--- predictor log ---\n{predictor.log()}") from None
     return predictor
-
-
-# ------------------------------------------------------------------------- PostgreSQL
-
-
-def postgres_bin_dir() -> Path | None:
-    """Debian's PostgreSQL binaries (initdb, pg_ctl are not on PATH there)."""
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if found:
-        return found[-1].parent
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb else None
-
-
-@dataclass
-class PostgresServer:
-    """A throwaway PostgreSQL cluster on 127.0.0.1, run as a non-root user."""
-
-    bin_dir: Path
-    data_dir: Path
-    port: int
-    as_user: list[str]
-
-    @property
-    def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def _pg_ctl(self, *args: str, timeout: float = 60) -> None:
-        subprocess.run(
-            [*self.as_user, str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), *args],
-            check=True,
-            capture_output=True,
-            timeout=timeout,
-        )
-
-    def start(self) -> None:
-        options = (
-            # fsync off: a stopped server keeps what it committed in the OS's cache, which
-            # the outage tests need (synchronous_commit stays on).
-            f"-p {self.port} -h 127.0.0.1 -k {self.data_dir} -c fsync=off -c full_page_writes=off"
-        )
-        self._pg_ctl("-l", str(self.data_dir / "server.log"), "-o", options, "-w", "start")
-
-    def stop(self) -> None:
-        self._pg_ctl("-m", "immediate", "-w", "stop")
-
-    def remove(self) -> None:
-        with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
-            self.stop()
-        shutil.rmtree(self.data_dir, ignore_errors=True)
-
-
-def start_postgres() -> PostgresServer | None:
-    """A new cluster (trust authentication, loopback only), or None when PostgreSQL is not
-    installed. As root, it runs as the `postgres` user the Debian package creates."""
-    bin_dir = postgres_bin_dir()
-    if bin_dir is None:
-        return None
-    data_dir = Path(tempfile.mkdtemp(prefix="fraud-ledger-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        owner = pwd.getpwnam("postgres")
-        os.chown(data_dir, owner.pw_uid, owner.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    subprocess.run(
-        [
-            *as_user,
-            str(bin_dir / "initdb"),
-            "-D",
-            str(data_dir),
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "-E",
-            "UTF8",
-            "--no-sync",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    server = PostgresServer(bin_dir, data_dir, free_port(), as_user)
-    server.start()
-    return server
