@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from predictor.text import escaped
+
 logger = logging.getLogger("predictor.auth")
 
 SCOPES = ("predict", "explain", "admin")
@@ -86,7 +88,8 @@ def parse_tokens(text: str) -> tuple[Token, ...]:
     """Every token of a token file, or TokenFileError naming the first bad line."""
     tokens: list[Token] = []
     seen: set[bytes] = set()
-    for number, raw in enumerate(text.splitlines(), start=1):
+    names: set[str] = set()
+    for number, raw in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -104,13 +107,25 @@ def parse_tokens(text: str) -> tuple[Token, ...]:
         digest = bytes.fromhex(match["digest"])
         if digest in seen:
             raise TokenFileError(f"line {number}: the same token hash appears twice")
+        name = match["name"].strip()
+        if name in names:
+            raise TokenFileError(
+                f"line {number}: the name {escaped(name, 100)!r} is already given to another "
+                "token (denials are logged by name)"
+            )
         seen.add(digest)
-        tokens.append(Token(digest, frozenset(scopes), match["name"].strip()))
+        names.add(name)
+        tokens.append(Token(digest, frozenset(scopes), name))
     return tuple(tokens)
 
 
-def bearer_token(authorization: str | None) -> str:
-    """The token of an `Authorization: Bearer <token>` value, or Denied."""
+def bearer_token(authorization: str | list[str] | None) -> str:
+    """The token of an `Authorization: Bearer <token>` value, or Denied (also for several
+    values: a proxy that picked another one would disagree with the server)."""
+    if isinstance(authorization, list):
+        if len(authorization) > 1:
+            raise Denied("invalid", "more than one Authorization header")
+        authorization = authorization[0] if authorization else None
     if not authorization:
         raise Denied("missing", "missing bearer token: send 'Authorization: Bearer <token>'")
     match = _BEARER.match(authorization)
@@ -126,7 +141,9 @@ class TokenStore:
         self.path = path
         self.reload_seconds = reload_seconds
         self._tokens: tuple[Token, ...] = ()
+        #: The file's content last read (None: not read yet, or unreadable last time).
         self._seen: bytes | None = None
+        self._unreadable = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.reload(initial=True)
@@ -156,14 +173,16 @@ class TokenStore:
         except OSError as error:
             if initial:
                 raise TokenFileError(f"cannot read: {error.strerror or error}") from None
-            if self._seen != b"":
+            if not self._unreadable:
                 logger.error(
                     "AUTH_TOKENS_FILE %s: cannot read (%s); keeping the previous tokens",
                     self.path,
                     error.strerror or error,
                 )
-                self._seen = b""
+                self._unreadable = True
+                self._seen = None
             return False
+        self._unreadable = False
         if content == self._seen:
             return False
         self._seen = content
@@ -180,7 +199,7 @@ class TokenStore:
             )
             return False
         self._tokens = tokens
-        names = ", ".join(sorted(token.name for token in tokens)) or "none"
+        names = escaped(", ".join(sorted(token.name for token in tokens)), 500) or "none"
         logger.info(
             "%s %d token(s) from %s: %s",
             "loaded" if initial else "reloaded",
@@ -221,7 +240,7 @@ class TokenStore:
                 found = entry
         return found
 
-    def authorize(self, authorization: str | None, access: Access) -> Token | None:
+    def authorize(self, authorization: str | list[str] | None, access: Access) -> Token | None:
         """The caller's token if it may do what `access` names, else Denied."""
         if access is Access.OPEN:
             return None
@@ -242,7 +261,8 @@ _V1_MODEL = re.compile(r"^/v1/models/[^/]+$")
 
 
 def http_access(method: str, path: str) -> Access:
-    """What an HTTP request to `path` needs (the path as routed: percent-decoded)."""
+    """What an HTTP request to `path` needs (the path as routed: percent-decoded; a path
+    with control characters never gets here, see edges.Authentication)."""
     if path.startswith("/v1/models/"):
         if path.endswith(":predict"):
             return Access.PREDICT

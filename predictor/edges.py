@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 import orjson
@@ -21,6 +22,7 @@ from predictor.text import MAX_ERROR_BYTES, error_body, escaped
 logger = logging.getLogger("predictor.server")
 
 auth_logger = logging.getLogger("predictor.auth")
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 INFERENCE_PATH_SUFFIXES = (":predict", "/infer", ":explain")
 #: nginx's status for "the client closed the request": not the server's error.
@@ -93,16 +95,23 @@ class Authentication:
         self.tokens = tokens
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.tokens is None or scope["type"] != "http":
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if _CONTROL.search(scope["path"]):
+            # Routes match "$" before a final newline: `:predict%0A` reaches :predict.
+            await send_error(send, 400, "the request path holds control characters")
+            return
+        if self.tokens is None:
             await self.app(scope, receive, send)
             return
         access = http_access(scope["method"], scope["path"])
         if access is not Access.OPEN:
-            authorization = None
-            for name, value in scope["headers"]:
-                if name == b"authorization":
-                    authorization = value.decode("latin-1")
-                    break
+            authorization = [
+                value.decode("latin-1")
+                for name, value in scope["headers"]
+                if name == b"authorization"
+            ]
             try:
                 self.tokens.authorize(authorization, access)
             except Denied as denied:

@@ -37,11 +37,16 @@ HOOKED = (
     (HttpToolsProtocol, "on_url"),
     (HttpToolsProtocol, "on_header"),
     (HttpToolsProtocol, "on_body"),
+    (HttpToolsProtocol, "send_400_response"),
+    (HttpToolsProtocol, "connection_made"),
+    (HttpToolsProtocol, "connection_lost"),
 )
 
 
 #: How long a refused connection's further data is read and dropped before it is closed.
 LINGER_SECONDS = 2.0
+#: A request head must be complete this long after its first byte (slow heads hold memory).
+HEAD_SECONDS = 10.0
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -61,11 +66,20 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._in_head = True
         self._refused = False
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
         if self._in_head:
+            if self._head_bytes == 0 and self._head_timer is None:
+                self._head_timer = asyncio.get_running_loop().call_later(
+                    HEAD_SECONDS, self._head_too_slow
+                )
             self._head_bytes += len(data)
         super().data_received(data)
         if self._in_head and self._head_bytes > self.max_head_bytes and not self._refused:
@@ -77,6 +91,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._cancel_head_timer()
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if size > self.max_head_bytes:
             self._refuse()
@@ -107,6 +122,22 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if not self._refused:
             super().on_body(body)
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request it cannot parse, as JSON and counted."""
+        self._answer_and_close(400, error_body(msg))
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self._in_head and not self._refused and not self.transport.is_closing():
+            self._answer_and_close(
+                408, error_body(f"request head not complete within {HEAD_SECONDS:.0f} s")
+            )
+
     def _refuse(self) -> None:
         body = error_body(
             f"request line and headers exceed {self.max_head_bytes} bytes (MAX_HEADER_BYTES)"
@@ -121,6 +152,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _answer_and_close(self, status: int, body: bytes) -> None:
         self._refused = True
+        self._cancel_head_timer()
         self.headers = []
         self.url = b""
         self.transport.write(
@@ -156,3 +188,4 @@ def configure_rest_server(rest_server, host: str) -> None:
     config = rest_server.config
     config.host = host
     config.http = BoundedHttpToolsProtocol
+    config.ws = "none"  # no WebSocket routes: an upgrade is an ordinary (refused) request

@@ -333,8 +333,11 @@ def install_http_edges(app: FastAPI, dataplane: FraudDataPlane) -> None:
     app.add_exception_handler(RequestValidationError, request_validation_handler)
     app.add_exception_handler(ClientDisconnect, client_disconnect_handler)
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
+    # Starlette answers `/path/` with a redirect to the Host header's `/path`: not here.
+    app.router.redirect_slashes = False
     install_v1_routes(app, dataplane)
     install_v2_infer(app, dataplane)
+    install_v2_versioned(app, dataplane)
     for path in REPOSITORY_PATHS:
         app.add_api_route(
             path, repository_refused, methods=["GET", "POST"], include_in_schema=False
@@ -373,6 +376,38 @@ def install_v2_infer(app: FastAPI, dataplane: FraudDataPlane) -> None:
         methods=["POST"],
         response_model=None,
         tags=["V2"],
+    )
+
+
+def install_v2_versioned(app: FastAPI, dataplane: FraudDataPlane) -> None:
+    """Versioned model metadata and readiness: the plain routes' answers for the version
+    served, 404 for any other (KServe's answer 501 to every version)."""
+
+    def served(model_name: str, model_version: str) -> None:
+        serving = getattr(dataplane.get_model_from_registry(model_name), "serving", None)
+        if serving is None or serving.version != model_version:
+            raise ModelNotFound(f"{model_name} version {shown(model_version)}")
+
+    async def versioned_metadata(model_name: str, model_version: str) -> Response:
+        served(model_name, model_version)
+        return Response(
+            orjson.dumps(await dataplane.model_metadata(model_name)),
+            200,
+            media_type="application/json",
+        )
+
+    async def versioned_ready(model_name: str, model_version: str) -> Response:
+        served(model_name, model_version)
+        if not await dataplane.model_ready(model_name):
+            raise ModelNotReady(model_name)
+        return Response(
+            orjson.dumps({"name": model_name, "ready": True}), 200, media_type="application/json"
+        )
+
+    base = "/v2/models/{model_name}/versions/{model_version}"
+    app.add_api_route(base, versioned_metadata, methods=["GET"], response_model=None, tags=["V2"])
+    app.add_api_route(
+        f"{base}/ready", versioned_ready, methods=["GET"], response_model=None, tags=["V2"]
     )
 
 

@@ -524,3 +524,109 @@ def test_make_token_prints_a_token_and_the_line_that_grants_it(capsys):
     (entry,) = auth.parse_tokens(line)
     assert (entry.name, entry.scopes) == ("payments", frozenset({"predict", "explain"}))
     assert entry.digest.hex() == auth.token_digest(token) and token not in line
+
+
+def test_a_control_character_in_the_path_cannot_reach_another_scope(guarded):
+    """`:predict%0A` would route to :predict (a route's `$` matches before a final
+    newline) while not ending in `:predict`: refused before any scope is decided."""
+    for path, token in (
+        (f"/v1/models/{MODEL}:predict%0A", guarded.tokens["analyst"]),
+        (f"/v1/models/{MODEL}:explain%0A", guarded.tokens["payments"]),
+        (f"/v1/models/{MODEL}:explain%0D", guarded.tokens["ops"]),
+        (f"/v2/models/{MODEL}/infer%0A", guarded.tokens["analyst"]),
+    ):
+        response = requests.post(
+            guarded.url + path, data=V1_BODY, headers={**JSON, **bearer(token)}, timeout=10
+        )
+        assert response.status_code == 400, (path, response.status_code, response.text[:200])
+
+
+def test_two_authorization_headers_are_refused_on_every_door(guarded, stub):
+    import http.client
+
+    host, port = guarded.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.putrequest("POST", f"/v1/models/{MODEL}:predict")
+    connection.putheader("content-type", "application/json")
+    connection.putheader("content-length", str(len(V1_BODY)))
+    connection.putheader("authorization", f"Bearer {guarded.tokens['payments']}")
+    connection.putheader("authorization", f"Bearer {guarded.tokens['analyst']}")
+    connection.endheaders(V1_BODY)
+    response = connection.getresponse()
+    assert response.status == 401 and b"more than one" in response.read()
+    both = (
+        ("authorization", f"Bearer {guarded.tokens['payments']}"),
+        ("authorization", f"Bearer {guarded.tokens['analyst']}"),
+    )
+    code = grpc_status(lambda: stub.ModelInfer(grpc_request(), metadata=both, timeout=10))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_anonymous_grpc_messages_are_refused_before_they_are_parsed(guarded):
+    """Thirty 12 MiB ModelInfer calls without a token: refused, and memory does not grow
+    by what parsing them would take."""
+    pid = guarded.predictor.process.pid
+
+    def rss_mib() -> float:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(next(x for x in status.splitlines() if x.startswith("VmRSS:")).split()[1]) / 1024
+
+    big = grpc_request([{**ORDINARY, "merchant_category": "x" * (12 * 1024 * 1024)}])
+    before = rss_mib()
+    with grpc.insecure_channel(
+        guarded.grpc_target, options=[("grpc.max_send_message_length", -1)]
+    ) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        for _ in range(30):
+            assert grpc_status(lambda: stub.ModelInfer(big, timeout=30)) == (
+                grpc.StatusCode.UNAUTHENTICATED
+            )
+    assert rss_mib() - before < 128, (before, rss_mib())
+
+
+def test_emptying_the_token_file_revokes_every_token_even_after_it_was_missing(
+    mlflow_server, champion, tmp_path
+):
+    tokens_file = tmp_path / "tokens"
+    tokens = write_tokens(tokens_file, {"payments": "predict"})
+    predictor = launch_predictor(
+        tmp_path,
+        env={"MLFLOW_TRACKING_URI": mlflow_server.url, "AUTH_TOKENS_FILE": str(tokens_file)},
+    )
+    url = f"{predictor.url}/v1/models/{MODEL}:predict"
+    headers = {**JSON, **bearer(tokens["payments"])}
+    try:
+        assert requests.post(url, data=V1_BODY, headers=headers, timeout=10).status_code == 200
+        tokens_file.unlink()
+        deadline = time.monotonic() + 10
+        while "cannot read" not in predictor.log():
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        tokens_file.write_text("")
+        deadline = time.monotonic() + 10
+        while requests.post(url, data=V1_BODY, headers=headers, timeout=10).status_code != 401:
+            assert time.monotonic() < deadline, "the emptied file was never read"
+            time.sleep(0.25)
+        assert "holds no token" in predictor.log()
+    finally:
+        stop(predictor.process)
+
+
+def test_token_file_details_a_bom_duplicate_names_and_names_escaped_in_the_log(caplog):
+    token = auth.new_token()
+    (entry,) = auth.parse_tokens("\ufeff" + auth.token_line(token, ["predict"], "svc"))
+    assert entry.name == "svc"
+    other = auth.new_token()
+    twice = "\n".join(
+        [auth.token_line(token, ["predict"], "svc"), auth.token_line(other, ["explain"], "svc")]
+    )
+    with pytest.raises(auth.TokenFileError, match="line 2: the name 'svc' is already given"):
+        auth.parse_tokens(twice)
+
+
+def test_a_token_store_logs_names_escaped(tmp_path, caplog):
+    path = tmp_path / "tokens"
+    path.write_text(auth.token_line(auth.new_token(), ["predict"], "evil\u202e\x1b[31m"))
+    with caplog.at_level("INFO", logger="predictor.auth"):
+        auth.TokenStore(path)
+    assert "\u202e" not in caplog.text and "\x1b" not in caplog.text and "\\u202e" in caplog.text

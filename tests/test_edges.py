@@ -378,3 +378,35 @@ def test_health_p99_stays_under_100_ms_through_sustained_maximum_size_bodies(ser
     assert len(latencies) > 200, len(latencies)
     slowest = [round(s * 1000) for s in latencies[-5:]]
     assert p99 < 0.1, f"health p99 {p99 * 1000:.0f} ms; slowest {slowest} ms"
+
+
+def test_a_request_uvicorn_cannot_parse_gets_a_counted_json_400(server):
+    before = error_counts(server).get(("http", "400"), 0)
+    answer = raw_exchange(server.port, b"GET / HTTP/1.1\r\nHo\x00st: x\r\n\r\n")
+    assert status_of(answer) == 400 and b'{"error":' in answer
+    assert error_counts(server)[("http", "400")] == before + 1
+
+
+def test_a_trailing_slash_is_not_found_not_redirected_to_the_host_header(server):
+    response = requests.get(
+        f"{server.url}/v2/models/{MODEL}/",
+        headers={"Host": "evil.example"},
+        allow_redirects=False,
+        timeout=10,
+    )
+    assert response.status_code == 404 and "location" not in response.headers
+
+
+def test_versioned_metadata_and_readiness_answer_for_the_served_version_only(server):
+    metadata = requests.get(f"{server.url}/v2/models/{MODEL}", timeout=10).json()
+    served = metadata["versions"][0]
+    base = f"{server.url}/v2/models/{MODEL}/versions"
+    assert requests.get(f"{base}/{served}", timeout=10).json() == metadata
+    assert requests.get(f"{base}/{served}/ready", timeout=10).json() == {
+        "name": MODEL,
+        "ready": True,
+    }
+    for path in (f"{base}/999", f"{base}/999/ready"):
+        response = requests.get(path, timeout=10)
+        assert response.status_code == 404 and "'999'" in response.json()["error"]
+    assert "Traceback" not in server.predictor.log()

@@ -119,3 +119,16 @@ def test_kserves_rest_server_keeps_its_uvicorn_config_where_the_seam_sets_it():
         "127.0.0.1",
         seam.BoundedHttpToolsProtocol,
     )
+
+
+def test_a_head_not_complete_in_time_gets_408(monkeypatch):
+    monkeypatch.setattr(seam, "HEAD_SECONDS", 0.05)
+
+    async def run():
+        protocol, transport = connection()
+        protocol.data_received(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+        await asyncio.sleep(0.2)
+        return transport
+
+    transport = asyncio.run(run())
+    assert transport.written.startswith(b"HTTP/1.1 408 Request Timeout\r\n")

@@ -181,13 +181,22 @@ def ensure_demo_model(settings: Settings, log: Log = print) -> None:
     if not settings.uses_embedded_store:
         raise ValueError("the demo model is only bootstrapped into the embedded store")
     tracking_uri, artifact_location = mlflow_destination(settings)
+    client = registry.connect(tracking_uri)
     try:
-        registry.resolve(registry.connect(tracking_uri), settings.model_uri)
+        registry.resolve(client, settings.model_uri)
         return
     except MlflowException as error:
         if not registry.is_missing(error):
             raise
     target = registry.alias_of(settings.model_uri)
+    if target is not None and _has_model(client, target[0]):
+        # The model exists, the alias does not (yet): serve it once it is set
+        # (`fraud-models promote`), as with a remote registry; never a demo in its place.
+        log(
+            f"embedded store {settings.local_store_dir}: {target[0]} has no alias "
+            f"'{target[1]}' yet; the server waits for it"
+        )
+        return
     if target is None:
         raise registry.ModelLoadError(
             f"{settings.model_uri} is not in the embedded store at {settings.local_store_dir}; "
@@ -207,6 +216,18 @@ def ensure_demo_model(settings: Settings, log: Log = print) -> None:
             artifact_location,
             log=log,
         )
+
+
+def _has_model(client, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as error:
+        if registry.is_missing(error):
+            return False
+        raise
+    return True
 
 
 @contextmanager
