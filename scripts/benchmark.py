@@ -476,7 +476,11 @@ def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
         trained = train_and_register(TrainingConfig(), tracking_uri, log=lambda _: None)
         print(f"model version {trained.version} registered", file=sys.stderr)
 
-        startup = startup_rounds(stack, tracking_uri, args.startup_rounds)
+        startup = (
+            startup_rounds(stack, tracking_uri, args.startup_rounds)
+            if (args.startup_rounds)
+            else []
+        )
         for line in startup:
             print(line, file=sys.stderr)
         if args.startup_only:

@@ -7,6 +7,8 @@
 * closed by default: the token Secret mounted in every pod, NetworkPolicies admitting each
   port only from the pods that use it, the Ingress publishing only scoring doors over TLS,
   compose publishing on loopback only, the image binding every interface;
+* the decision ledger: its URI read from a Secret by every deployable, PostgreSQL reachable
+  through the NetworkPolicies, the compose stack's own PostgreSQL;
 * each check catches a planted mistake in a deliberately broken copy.
 
 CRD schemas come from $MANIFEST_SCHEMAS_DIR (default ../shared/schemas).
@@ -119,6 +121,8 @@ def pod_spec(obj: dict) -> dict | None:
         return obj["spec"]["predictor"]
     if obj["kind"] == "Deployment":
         return obj["spec"]["template"]["spec"]
+    if obj["kind"] == "CronJob":
+        return obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     return None
 
 
@@ -150,7 +154,7 @@ def policy_violations(obj: dict) -> list[str]:
                 if resource not in resources.get(kind, {}):
                     problems.append(f"{name}: no {kind}.{resource}")
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-            if probe not in container:
+            if probe not in container and obj["kind"] != "CronJob":  # servers, not jobs
                 problems.append(f"{name}: no {probe}")
         image = container.get("image", "")
         tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else ""
@@ -244,7 +248,8 @@ def test_images_are_set_in_one_place_per_deployable_and_pinned():
         (image,) = kustomization["images"]
         assert image["name"] == "fraud-predictor"
         assert image["newTag"] and image["newTag"] != "latest"
-    for directory in ("manifests/base", "manifests/components/config"):
+    components = ("config", "monitoring", "publish-explain")  # their images come from these
+    for directory in ("manifests/base", *(f"manifests/components/{c}" for c in components)):
         assert "images" not in yaml.safe_load((ROOT / directory / "kustomization.yaml").read_text())
 
 
@@ -378,6 +383,7 @@ NAMESPACES = {
         "knative-serving",
         "istio-system",
         "kourier-system",
+        "databases",
     )
 }
 NAMESPACES["payments"] = {"kubernetes.io/metadata.name": "payments", CLIENT_LABEL: "true"}
@@ -404,10 +410,26 @@ def selector_matches(selector: dict, labels: dict[str, str]) -> bool:
 def admitted_from(policy: dict, namespace: str, pod_labels: dict[str, str]) -> set[int | str]:
     """The ports `policy` admits from a pod with `pod_labels` in `namespace` (its labels those
     of NAMESPACES); "all" when a rule names no ports. An ipBlock counts as admitting anyone."""
+    return ports_of_rules(policy, "ingress", namespace, pod_labels)
+
+
+def reachable_on(policy: dict, namespace: str, pod_labels: dict[str, str]) -> set[int | str]:
+    """The ports the pods `policy` selects may reach on a pod with `pod_labels` in
+    `namespace`; "all" when a rule names no ports, or when the policy leaves egress open."""
+    if "Egress" not in policy["spec"].get("policyTypes", []):
+        return {"all"}
+    return ports_of_rules(policy, "egress", namespace, pod_labels)
+
+
+def ports_of_rules(
+    policy: dict, direction: str, namespace: str, pod_labels: dict[str, str]
+) -> set[int | str]:
     namespace_labels = NAMESPACES[namespace]
     ports: set[int | str] = set()
-    for rule in policy["spec"].get("ingress", []):
-        peers = rule.get("from") or [{"ipBlock": {"cidr": "0.0.0.0/0"}}]
+    for rule in policy["spec"].get(direction, []):
+        peers = rule.get("from" if direction == "ingress" else "to") or [
+            {"ipBlock": {"cidr": "0.0.0.0/0"}}
+        ]
         for peer in peers:
             if "ipBlock" in peer:
                 admitted = True
@@ -808,6 +830,124 @@ def test_networkpolicy_checks_catch_a_rule_without_from():
     policy["spec"]["ingress"][0]["from"] = [{"podSelector": {}}]  # its own namespace only
     assert rules_open_to_everyone(policy) == []
     assert admitted_by_caller(policy)["same namespace"] == {8080}
+
+
+# ------------------------------------------------------------------ the decision ledger
+
+# The ledger's URI (postgresql://user:password@host/db) comes from one Secret, created out of
+# band (docs/decision-ledger-operations.md), never a literal in git. Optional for the
+# predictor (a cluster without a ledger still serves, and says it records nothing); required
+# by the fraud-report CronJob of the monitoring component, which has nothing to do without it.
+LEDGER_SECRET = "fraud-predictor-ledger"
+LEDGER_KEY = "DECISION_LOG_URI"
+POSTGRESQL = 5432
+LEDGER_DATABASE = ("databases", {"app.kubernetes.io/name": "postgresql"})
+
+
+def ledger_env_problems(obj: dict, config_maps: dict[str, dict], optional: bool) -> list[str]:
+    """Why the workload's containers would not take DECISION_LOG_URI from the ledger Secret
+    (and only from it), with the Secret `optional` or required."""
+    problems = []
+    for container in pod_spec(obj)["containers"]:
+        name = f"{obj['kind']}/{obj['metadata']['name']}/{container['name']}"
+        for source in container.get("envFrom", []):
+            ref = source.get("configMapRef", {}).get("name")
+            if LEDGER_KEY in config_maps.get(ref, {}).get("data", {}):
+                problems.append(f"{name}: {LEDGER_KEY} is a literal in ConfigMap {ref}")
+        entries = [e for e in container.get("env", []) if e["name"] == LEDGER_KEY]
+        if len(entries) != 1:
+            problems.append(f"{name}: {LEDGER_KEY} is set {len(entries)} times in env")
+            continue
+        (entry,) = entries
+        reference = entry.get("valueFrom", {}).get("secretKeyRef")
+        if "value" in entry or reference is None:
+            problems.append(f"{name}: {LEDGER_KEY} is not read from a Secret")
+            continue
+        if (reference.get("name"), reference.get("key")) != (LEDGER_SECRET, LEDGER_KEY):
+            problems.append(f"{name}: {LEDGER_KEY} comes from {reference}")
+        if reference.get("optional", False) is not optional:
+            wanted = "optional" if optional else "required"
+            problems.append(f"{name}: the ledger Secret is not {wanted}")
+    return problems
+
+
+@pytest.mark.parametrize("directory", DEPLOYABLES)
+def test_every_deployable_reads_the_ledger_uri_from_the_optional_secret(directory):
+    objects = render(directory)
+    assert ledger_env_problems(workload(directory), config_maps_of(objects), optional=True) == []
+    for obj in objects:  # nothing else names a database
+        assert "postgresql://" not in yaml.safe_dump(obj), obj["kind"]
+
+
+def test_ledger_env_check_catches_a_literal_a_wrong_secret_and_a_required_one():
+    objects = render("manifests/fallback")
+    config_maps = config_maps_of(objects)
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+
+    def broken(change, optional: bool = True) -> list[str]:
+        copied = copy.deepcopy(deployment)
+        container = copied["spec"]["template"]["spec"]["containers"][0]
+        entry = next(e for e in container["env"] if e["name"] == LEDGER_KEY)
+        change(container, entry)
+        return ledger_env_problems(copied, config_maps, optional)
+
+    def literal(container, entry):
+        entry.pop("valueFrom")
+        entry["value"] = "postgresql://fraud:secret@ledger:5432/ledger"
+
+    def other_secret(container, entry):
+        entry["valueFrom"]["secretKeyRef"]["name"] = "fraud-predictor-mlflow"
+
+    def required(container, entry):
+        del entry["valueFrom"]["secretKeyRef"]["optional"]
+
+    def unset(container, entry):
+        container["env"].remove(entry)
+
+    def twice(container, entry):
+        container["env"].append(copy.deepcopy(entry))
+
+    predictor = f"Deployment/{deployment['metadata']['name']}/predictor"
+    assert broken(literal) == [f"{predictor}: {LEDGER_KEY} is not read from a Secret"]
+    assert any("comes from" in p for p in broken(other_secret))
+    assert any("is not optional" in p for p in broken(required))
+    assert any("is not required" in p for p in broken(lambda c, e: None, optional=False))
+    assert any("set 0 times" in p for p in broken(unset))
+    assert any("set 2 times" in p for p in broken(twice))
+    in_config = copy.deepcopy(config_maps)
+    (name,) = in_config
+    in_config[name]["data"][LEDGER_KEY] = "postgresql://fraud:secret@ledger:5432/ledger"
+    assert any(
+        "literal in ConfigMap" in p for p in ledger_env_problems(deployment, in_config, True)
+    )
+
+
+@pytest.mark.parametrize("directory", DEPLOYABLES)
+def test_every_deployable_reaches_postgresql_wherever_it_runs(directory):
+    """Egress as before (DNS, MLflow on 5000, HTTPS for artifact stores) plus the ledger's
+    PostgreSQL, in any namespace or outside the cluster (a rule without `to`)."""
+    policy = next(o for o in render(directory) if o["kind"] == "NetworkPolicy")
+    for where in (LEDGER_DATABASE, ("fraud-detection", {"app": "postgresql"})):
+        assert reachable_on(policy, *where) == {53, 443, 5000, POSTGRESQL}, (directory, where)
+    assert any(
+        "to" not in rule and POSTGRESQL in {p["port"] for p in rule["ports"]}
+        for rule in policy["spec"]["egress"]
+    ), directory
+
+
+def test_egress_check_catches_postgresql_left_out_and_egress_left_open():
+    policy = copy.deepcopy(
+        next(o for o in render("manifests/fallback") if o["kind"] == "NetworkPolicy")
+    )
+    for rule in policy["spec"]["egress"]:
+        rule["ports"] = [p for p in rule["ports"] if p["port"] != POSTGRESQL]
+    assert POSTGRESQL not in reachable_on(policy, *LEDGER_DATABASE)
+    policy["spec"]["egress"][1]["to"] = [
+        {"namespaceSelector": {"matchLabels": NAMESPACES["monitoring"]}}
+    ]
+    assert reachable_on(policy, *LEDGER_DATABASE) == {53}
+    policy["spec"]["policyTypes"] = ["Ingress"]
+    assert reachable_on(policy, *LEDGER_DATABASE) == {"all"}
 
 
 # What the fallback Ingress publishes: the scoring doors and nothing else.
