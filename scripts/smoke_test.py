@@ -110,11 +110,15 @@ def run(client: Client, model: str, report=print) -> None:
 
     metadata, _ = client.call("GET", f"/v2/models/{model}")
     inputs = {t.get("name"): t.get("datatype") for t in metadata.get("inputs", [])}
-    expect(inputs == V2_TYPES, f"metadata inputs {inputs} differ from the transaction schema")
+    expect(
+        inputs == {**V2_TYPES, "transaction_id": "BYTES"},
+        f"metadata inputs {inputs} differ from the transaction schema (and transaction_id)",
+    )
     outputs = {t.get("name"): t.get("datatype") for t in metadata.get("outputs", [])}
     expect(
-        outputs == {"fraud_probability": "FP64", "is_fraud": "BOOL"},
-        f"metadata outputs {outputs} are not fraud_probability FP64 and is_fraud BOOL",
+        outputs == {"fraud_probability": "FP64", "is_fraud": "BOOL", "transaction_id": "BYTES"},
+        f"metadata outputs {outputs} are not fraud_probability FP64, is_fraud BOOL and "
+        "transaction_id BYTES",
     )
     report(f"ok: metadata (versions {metadata.get('versions')})")
 
@@ -155,8 +159,8 @@ def run(client: Client, model: str, report=print) -> None:
     expect(v2.get("id") == "smoke-test", f"V2 answer id {v2.get('id')!r} is not the request's")
     tensors = {o.get("name"): o for o in v2.get("outputs", [])}
     expect(
-        set(tensors) == {"fraud_probability", "is_fraud"},
-        f"V2 outputs {sorted(tensors)} are not fraud_probability and is_fraud",
+        set(tensors) == {"fraud_probability", "is_fraud", "transaction_id"},
+        f"V2 outputs {sorted(tensors)} are not fraud_probability, is_fraud and transaction_id",
     )
     probabilities = tensors["fraud_probability"].get("data") or []
     decisions = tensors["is_fraud"].get("data") or []

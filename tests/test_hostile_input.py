@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import struct
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -173,10 +171,10 @@ BINARY = {
     "no inputs": (*binary_request(json_part=b'{"id": "x"}', length="11"), 400, "non-empty list"),
     "inputs not a list": (
         *binary_request(json_part=b'{"inputs": 5}', length="13"), 400, "non-empty list"),
-    "nine inputs": (
-        *binary_request(edit=lambda h, r: h["inputs"].append(dict(h["inputs"][0]))),
+    "ten inputs": (
+        *binary_request(edit=lambda h, r: h["inputs"].extend([dict(h["inputs"][0])] * 2)),
         400,
-        "expected the 8",
+        "10 tensors; expected the 9",
     ),
     "size is a string": (
         *binary_request(edit=edit_input("amount", parameters={"binary_data_size": "8"})),
@@ -281,8 +279,8 @@ GRPC = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "missing tensor",
     ),
-    "nine inputs": (
-        grpc_request(edit=lambda r: r.inputs.append(r.inputs[0])),
+    "ten inputs": (
+        grpc_request(edit=lambda r: r.inputs.extend([r.inputs[0], r.inputs[0]])),
         grpc.StatusCode.INVALID_ARGUMENT,
         "expected the 8",
     ),
@@ -424,7 +422,11 @@ def test_grpc_mistakes_get_their_status_code_and_a_reason(stub, case):
     assert_short_and_escaped(error.value.details())
     for valid in (grpc_request([GOOD, GOOD]), grpc_request([GOOD], raw=True)):
         response = stub.ModelInfer(valid, timeout=30)
-        assert [o.name for o in response.outputs] == ["fraud_probability", "is_fraud"]
+        assert [o.name for o in response.outputs] == [
+            "fraud_probability",
+            "is_fraud",
+            "transaction_id",
+        ]
 
 
 @pytest.mark.parametrize("case", list(CLOUDEVENTS))
@@ -512,59 +514,6 @@ def test_every_error_is_counted_by_protocol_and_status(server, stub):
     assert grew(("http", "404")) == 1
     assert grew(("grpc", "NOT_FOUND")) == 1
     assert grew(("grpc", "INVALID_ARGUMENT")) == 2
-
-
-def test_health_answers_within_100_ms_while_huge_requests_are_in_flight(server):
-    """Pathological requests of the largest admitted sizes, four at a time, while a client
-    polls liveness: every health answer comes back within 100 ms."""
-    max_rows = [GOOD] * MAX_ROWS
-    attacks = [
-        ("v1", EXTREME_JSON["v1 row with 200,000 unknown keys"][1], {}),
-        ("v2", EXTREME_JSON["v2 20,000 unknown tensors"][1], {}),
-        ("v2", *binary_request(max_rows)),
-        ("v1", orjson.dumps({"instances": max_rows}), {}),
-    ]
-    latencies: list[float] = []
-    done = threading.Event()
-
-    def poll_health() -> None:
-        session = requests.Session()
-        while not done.is_set():
-            started = time.perf_counter()
-            response = session.get(f"{server.url}/v2/health/live", timeout=5)
-            latencies.append(time.perf_counter() - started)
-            assert response.status_code == 200
-            time.sleep(0.01)
-
-    def attack(door: str, body: bytes, headers: dict) -> int:
-        url = (
-            f"{server.url}/v1/models/{MODEL}:predict"
-            if door == "v1"
-            else f"{server.url}/v2/models/{MODEL}/infer"
-        )
-        headers = {"content-type": "application/json", **headers}
-        return requests.post(url, data=body, headers=headers, timeout=120).status_code
-
-    poller = threading.Thread(target=poll_health)
-    poller.start()
-    try:
-        time.sleep(0.2)
-        statuses: list[int] = []
-        for _ in range(3):
-            threads = [
-                threading.Thread(target=lambda a=a: statuses.append(attack(*a))) for a in attacks
-            ]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(timeout=120)
-    finally:
-        done.set()
-        poller.join(timeout=10)
-    assert sorted(set(statuses)) == [200, 400], statuses
-    assert len(latencies) > 20
-    slowest = sorted(latencies)[-3:]
-    assert max(latencies) < 0.1, f"slowest health answers: {[round(s * 1000) for s in slowest]} ms"
 
 
 def test_the_versioned_v2_route_applies_the_same_checks(server):

@@ -1,8 +1,11 @@
 """Monitoring, proven with the real tools: `promtool check rules` and `promtool test rules`
-for every alert (firing and quiet), a real Prometheus scraping a real predictor, and the
-monitoring component rendered with each deployable and checked against the CRD schemas.
+for every alert (firing and quiet), a real Prometheus scraping a real predictor, the
+fraud-report CronJob's command pushing live quality from a PostgreSQL ledger to a real
+Pushgateway that a real Prometheus scrapes, and the monitoring component rendered with each
+deployable and checked against the CRD schemas, the workload policy and checkov.
 
-promtool and prometheus come from Debian's `prometheus` package (`.ci/run` installs it).
+promtool and prometheus come from Debian's `prometheus` package, the Pushgateway from
+`prometheus-pushgateway` (`.ci/run` installs them).
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ COMPONENT = ROOT / "manifests" / "components" / "monitoring"
 RULE = yaml.safe_load((COMPONENT / "prometheusrule.yaml").read_text())
 DASHBOARD = json.loads((COMPONENT / "dashboard.json").read_text())
 JOB = {"job": "fraud-predictor"}
+# What fraud-report pushes keeps its own job when Prometheus scrapes the Pushgateway with
+# honor_labels: true (and no instance: it pushes with the job as its only grouping key).
+REPORT = {"job": "fraud-report"}
+PUSHED_BY_THE_REPORT = re.compile(r"^fraud_(live|report)_")
 GOOD = as_row(ORDINARY)
 SUSPICIOUS_ROW = as_row(SUSPICIOUS)
 
@@ -65,7 +72,7 @@ def test_rules_pass_promtool_check(tmp_path):
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 12 rules found" in result.stdout
+    assert "SUCCESS: 17 rules found" in result.stdout
 
 
 # --------------------------------------------------------------- promtool unit tests
@@ -76,6 +83,19 @@ def series(name: str, values: str, **labels: str) -> dict:
         f'{k}="{v}"' for k, v in {**JOB, "instance": "10.0.0.1:8080", **labels}.items()
     )
     return {"series": f"{name}{{{rendered}}}", "values": values}
+
+
+def pushed(name: str, values: str, **labels: str) -> dict:
+    """A series fraud-report pushed, as Prometheus keeps it from the Pushgateway."""
+    rendered = ",".join(f'{k}="{v}"' for k, v in {**REPORT, **labels}.items())
+    return {"series": f"{name}{{{rendered}}}", "values": values}
+
+
+def last_push(minutes: int, until: int | None = None) -> str:
+    """fraud_report_last_success_timestamp_seconds sampled every minute for `minutes`: a push
+    every 15 minutes (from minute 0 to minute `until`) sets it to the push's time."""
+    last = minutes if until is None else until
+    return " ".join(str(min(minute, last) // 15 * 900) for minute in range(minutes))
 
 
 def counter_pair(name: str, first: str, second: str, label: str, a: str, b: str) -> list[dict]:
@@ -182,6 +202,82 @@ CASES: dict[str, list[tuple]] = {
             series("fraud_request_duration_seconds_count", "0+10x45", protocol="http"),
         ], "42m", []),
     ],
+    "FraudDecisionsDropped": [
+        ("100 dropped in an outage", "1m", [
+            series("fraud_decisions_dropped_total", "0x5 0+20x5 100x20"),
+        ], "12m", [{}]),
+        ("all recorded", "1m", [
+            series("fraud_decisions_dropped_total", "0x30"),
+            series("fraud_decisions_recorded_total", "0+600x30"),
+        ], "20m", []),
+        ("dropped an hour ago", "1m", [
+            series("fraud_decisions_dropped_total", "0x5 0+20x5 100x80"),
+        ], "70m", []),
+    ],
+    "FraudDecisionLogBacklog": [
+        ("database away: 1000 more a minute", "1m", [
+            series("fraud_decision_log_pending", "0+1000x40"),
+        ], "25m", [{**JOB, "instance": "10.0.0.1:8080"}]),
+        ("stuck at 20000", "1m", [
+            series("fraud_decision_log_pending", "20000x40"),
+        ], "25m", [{**JOB, "instance": "10.0.0.1:8080"}]),
+        ("growing slowly from 2000", "1m", [
+            series("fraud_decision_log_pending", "2000+100x40"),
+        ], "25m", [{**JOB, "instance": "10.0.0.1:8080"}]),
+        ("a burst, written out", "1m", [
+            series("fraud_decision_log_pending", "0+5000x4 0x40"),
+        ], "25m", []),
+        ("a steady small queue", "1m", [
+            series("fraud_decision_log_pending", "150 90 210 120x40"),
+        ], "25m", []),
+    ],
+    "FraudLivePrecisionLow": [
+        ("version 3 at 30 %, version 4 at 90 %", "1m", [
+            pushed("fraud_live_precision", "0.3x90", model_version="3"),
+            pushed("fraud_live_labelled", "80x90", model_version="3"),
+            pushed("fraud_live_precision", "0.9x90", model_version="4"),
+            pushed("fraud_live_labelled", "500x90", model_version="4"),
+        ], "70m", [{**REPORT, "model_version": "3"}]),
+        ("30 % of only 20 labelled", "1m", [
+            pushed("fraud_live_precision", "0.3x90", model_version="3"),
+            pushed("fraud_live_labelled", "20x90", model_version="3"),
+        ], "70m", []),
+        ("30 % for 40 minutes", "1m", [
+            pushed("fraud_live_precision", "0.8x30 0.3x60", model_version="3"),
+            pushed("fraud_live_labelled", "80x90", model_version="3"),
+        ], "70m", []),
+    ],
+    "FraudLiveRecallLow": [
+        ("version 3 finds 20 % of the frauds", "1m", [
+            pushed("fraud_live_recall", "0.2x90", model_version="3"),
+            pushed("fraud_live_labelled", "200x90", model_version="3"),
+        ], "70m", [{**REPORT, "model_version": "3"}]),
+        ("20 % of only 30 labelled", "1m", [
+            pushed("fraud_live_recall", "0.2x90", model_version="3"),
+            pushed("fraud_live_labelled", "30x90", model_version="3"),
+        ], "70m", []),
+        ("no known fraud: recall undefined", "1m", [
+            pushed("fraud_live_precision", "0.9x90", model_version="3"),
+            pushed("fraud_live_labelled", "200x90", model_version="3"),
+        ], "70m", []),
+    ],
+    "FraudReportStale": [
+        ("pushes stopped after an hour", "1m", [
+            pushed("fraud_report_last_success_timestamp_seconds", last_push(240, until=60)),
+        ], "3h30m", [REPORT]),
+        ("a push every 15 minutes", "1m", [
+            pushed("fraud_report_last_success_timestamp_seconds", last_push(240)),
+        ], "3h30m", []),
+        ("never pushed", "1m", [series("up", "1x90")], "70m", [REPORT]),
+        ("pushed, but scraped without honor_labels", "1m", [{
+            "series": 'fraud_report_last_success_timestamp_seconds{job="pushgateway",'
+                      'exported_job="fraud-report",instance="10.0.0.9:9091"}',
+            "values": last_push(90),
+        }], "70m", [REPORT]),
+        ("the Pushgateway restarted, pushed again 15 minutes later", "1m", [
+            pushed("fraud_report_last_success_timestamp_seconds", "0x14 900x14 _x14 2700x30"),
+        ], "70m", []),
+    ],
 }  # fmt: skip
 
 
@@ -253,7 +349,8 @@ def test_promtool_tests_catch_a_wrong_expectation(tmp_path):
 
 
 def referenced_metrics() -> set[str]:
-    """Series names the rules and the dashboard query (histogram suffixes included)."""
+    """Series names the rules and the dashboard query (histogram suffixes included): the
+    predictor's, and those fraud-report pushes (PUSHED_BY_THE_REPORT)."""
     exprs = [r["expr"] for g in RULE["spec"]["groups"] for r in g["rules"]]
     exprs += [t["expr"] for p in DASHBOARD["panels"] for t in p["targets"]]
     names = set()
@@ -273,6 +370,15 @@ def test_the_rules_and_dashboard_reference_the_metrics_they_mean():
         "fraud_probability_bucket",
         "request_predict_seconds_bucket",
         "fraud:flag_ratio:rate1h",
+        "fraud_decisions_recorded_total",
+        "fraud_decisions_dropped_total",
+        "fraud_decision_log_pending",
+        "fraud_live_decisions",
+        "fraud_live_labelled",
+        "fraud_live_precision",
+        "fraud_live_recall",
+        "fraud_live_alert_rate",
+        "fraud_report_last_success_timestamp_seconds",
     ):
         assert expected in names
 
@@ -377,11 +483,12 @@ def test_prometheus_scrapes_what_the_traffic_implies(prometheus):
     assert scalar(url, "fraud:flag_ratio:rate1h") == pytest.approx(fraud / 200, abs=0.05)
 
     names = set(requests.get(f"{url}/api/v1/label/__name__/values", timeout=10).json()["data"])
-    assert referenced_metrics() - names == set(), "referenced but never exported"
+    exported = {n for n in referenced_metrics() if not PUSHED_BY_THE_REPORT.match(n)}
+    assert exported - names == set(), "referenced but never exported"
 
     groups = requests.get(f"{url}/api/v1/rules", timeout=10).json()["data"]["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
-    assert len(rules) == 12
+    assert len(rules) == 17
     assert [r["name"] for r in rules if r["health"] != "ok"] == []
     firing = {r["name"] for r in rules if r.get("state") == "firing"}
     assert "FraudPredictorDown" not in firing and "FraudPredictorHighErrorRatio" not in firing

@@ -69,11 +69,13 @@ class WrongOutputs(BaseHTTPRequestHandler):
                 {
                     "name": "fraud-detector",
                     "inputs": [
-                        {"name": n, "datatype": t, "shape": [-1]} for n, t in V2_INPUTS.items()
+                        {"name": n, "datatype": t, "shape": [-1]}
+                        for n, t in {**V2_INPUTS, "transaction_id": "BYTES"}.items()
                     ],
                     "outputs": [
                         {"name": "fraud_probability", "datatype": "FP64", "shape": [-1]},
                         {"name": "is_fraud", "datatype": "BOOL", "shape": [-1]},
+                        {"name": "transaction_id", "datatype": "BYTES", "shape": [-1]},
                     ],
                 }
             )

@@ -71,7 +71,7 @@ def test_v1_objects_get_probability_decision_and_version(served, champion, examp
     assert response.headers["x-model-version"] == champion.version
     assert len(body["predictions"]) == 3
     for prediction in body["predictions"]:
-        assert set(prediction) == {"fraud_probability", "is_fraud"}
+        assert set(prediction) == {"fraud_probability", "is_fraud", "transaction_id"}
         assert 0.0 <= prediction["fraud_probability"] <= 1.0
         assert isinstance(prediction["is_fraud"], bool)
 
@@ -118,10 +118,11 @@ def test_v2_metadata_lists_exactly_the_inputs_and_outputs(served, champion):
     assert body["versions"] == [champion.version]
     assert body["inputs"] == [
         {"name": name, "datatype": dtype, "shape": [-1]} for name, dtype in V2_INPUTS.items()
-    ]
+    ] + [{"name": "transaction_id", "datatype": "BYTES", "shape": [-1]}]
     assert body["outputs"] == [
         {"name": "fraud_probability", "datatype": "FP64", "shape": [-1]},
         {"name": "is_fraud", "datatype": "BOOL", "shape": [-1]},
+        {"name": "transaction_id", "datatype": "BYTES", "shape": [-1]},
     ]
 
 

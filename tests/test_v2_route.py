@@ -134,6 +134,10 @@ def comparable(content: bytes, request: bytes, json_length: str | None = None) -
     parsed = without_nulls(orjson.loads(content[:length]))
     if b'"id"' not in request:
         parsed.pop("id", None)
+    if b'"transaction_id"' not in request:  # server-made UUIDs differ between two answers
+        for output in parsed.get("outputs", []):
+            if output["name"] == "transaction_id":
+                output["data"] = [len(value) for value in output.get("data", [])]
     return parsed, content[length:]
 
 
@@ -223,6 +227,9 @@ def test_the_versioned_route_answers_for_the_served_version_only(apps, model):
     content = orjson.dumps(body(id="v"))
     plain = answer(ours, INFER, content, JSON)
     served = f"/v2/models/{MODEL}/versions/{model.serving.version}/infer"
-    assert answer(ours, served, content, JSON) == plain
+    status, served_body, headers = answer(ours, served, content, JSON)
+    assert (status, headers) == plain[::2] and comparable(served_body, content) == comparable(
+        plain[1], content
+    )
     status, other, _ = answer(ours, f"/v2/models/{MODEL}/versions/999/infer", content, JSON)
     assert status == 404 and "fraud-detector version '999'" in orjson.loads(other)["error"]
