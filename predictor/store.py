@@ -165,11 +165,13 @@ class Store:
         try:
             if self.backend == "postgresql":
                 cursor.execute("SELECT pg_advisory_xact_lock(7315020011)")
-                cursor.execute(
-                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                    "version integer PRIMARY KEY, description text NOT NULL, "
-                    "applied_at timestamptz NOT NULL DEFAULT now())"
-                )
+                cursor.execute("SELECT to_regclass('schema_migrations')")
+                if cursor.fetchone()[0] is None:  # CREATE only when needed: a role that may
+                    cursor.execute(  # only read and insert can run a migrated ledger
+                        "CREATE TABLE schema_migrations ("
+                        "version integer PRIMARY KEY, description text NOT NULL, "
+                        "applied_at timestamptz NOT NULL DEFAULT now())"
+                    )
             else:
                 cursor.execute("BEGIN IMMEDIATE")
                 cursor.execute(

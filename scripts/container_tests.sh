@@ -21,7 +21,11 @@ if ! command -v iptables >/dev/null 2>&1; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iptables >/dev/null
 fi
 $SUDO bash "$CONTAINERS_DIR/setup.sh"
-$SUDO bash "$CONTAINERS_DIR/stand-ins.sh"
+# The shared stand-ins plus the project's own list (containers/stand-ins.list), and the
+# ledger's PostgreSQL under its upstream name, built from Debian's package.
+$SUDO env LIST="$PWD/containers/stand-ins.list" bash "$CONTAINERS_DIR/stand-ins.sh"
+$SUDO podman build -q --pull=never --build-arg BASE=python:3.11.14-slim-bookworm \
+  -t docker.io/library/postgres:15-bookworm containers/postgres
 echo "[container_tests] podman and stand-ins ready in $((SECONDS - started)) s"
 
 export BUILDAH_FORMAT=docker COMPOSE_UP="$CONTAINERS_DIR/compose-up.sh"

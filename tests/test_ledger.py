@@ -420,3 +420,22 @@ def test_a_spool_left_by_a_stopped_process_is_written_by_the_next(tmp_path):
     rows = Store(uri).query("SELECT transaction_id FROM decisions ORDER BY rowid")
     assert [r[0] for r in rows] == [f"u-{n}" for n in range(45)]
     assert not spool.exists()
+
+
+def test_a_role_that_may_only_read_and_insert_records_on_a_migrated_ledger(postgres):
+    """docs/decision-ledger-operations.md: the owner migrates, the predictor's role needs
+    no CREATE once every migration is recorded."""
+    database = fresh_database(postgres)
+    Store(database).migrate()
+    role = f"writer_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(database, autocommit=True) as connection:
+        connection.execute(f"CREATE ROLE {role} LOGIN")
+        connection.execute(f"REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}")
+        connection.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+        connection.execute(f"GRANT SELECT ON schema_migrations TO {role}")
+        connection.execute(f"GRANT SELECT, INSERT ON decisions TO {role}")
+    restricted = database.replace("postgresql://postgres@", f"postgresql://{role}@")
+    log = DecisionLog(restricted, flush_seconds=0.05)
+    assert log.record(scored(3))
+    log.close()
+    assert [row["transaction_id"] for row in decisions(database)] == ["u-0", "u-1", "u-2"]

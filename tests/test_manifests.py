@@ -25,6 +25,7 @@ import subprocess
 from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -1125,6 +1126,143 @@ def test_loopback_check_catches_ports_on_every_interface():
         "predictor: 8080:8080",
         "predictor: 9000",
     ]
+
+
+def ledger_wiring_problems(compose: dict) -> list[str]:
+    """Why the compose stack's predictor would not record its decisions in the stack's own
+    PostgreSQL (the official image, or a stand-in under its name), once it is healthy."""
+    services = compose["services"]
+    database = services.get("ledger-db")
+    if database is None:
+        return ["no ledger-db service"]
+    problems = []
+    image = database.get("image", "")
+    repository, _, tag = image.rpartition(":")
+    if repository not in ("postgres", "docker.io/library/postgres") or tag in ("", "latest"):
+        problems.append(f"ledger-db runs {image!r}, not a pinned upstream postgres image")
+    if "pg_isready" not in " ".join(database.get("healthcheck", {}).get("test", [])):
+        problems.append("ledger-db has no pg_isready healthcheck")
+    data = [v for v in database.get("volumes", []) if str(v).endswith(":/var/lib/postgresql/data")]
+    if len(data) != 1 or data[0].split(":")[0] not in (compose.get("volumes") or {}):
+        problems.append("ledger-db keeps its data outside a named volume")
+    env = database.get("environment", {})
+    user = env.get("POSTGRES_USER", "postgres")
+    uri = urlsplit(services["predictor"].get("environment", {}).get(LEDGER_KEY, ""))
+    found = (uri.scheme, uri.username, uri.password, uri.hostname, uri.port, uri.path)
+    wanted = ("postgresql", user, env.get("POSTGRES_PASSWORD"), "ledger-db", POSTGRESQL,
+              f"/{env.get('POSTGRES_DB', user)}")  # fmt: skip
+    if not env.get("POSTGRES_PASSWORD") or found != wanted:
+        problems.append(f"the predictor's {LEDGER_KEY} is not ledger-db's database and user")
+    waits = services["predictor"].get("depends_on", {}).get("ledger-db", {})
+    if waits.get("condition") != "service_healthy":
+        problems.append("the predictor does not wait for ledger-db to be healthy")
+    return problems
+
+
+def test_compose_records_decisions_in_its_own_postgresql():
+    compose = compose_file()
+    assert ledger_wiring_problems(compose) == []
+    assert "ports" not in compose["services"]["ledger-db"]  # reached by service name only
+
+
+def test_ledger_wiring_check_catches_each_broken_link():
+    def broken(change) -> list[str]:
+        compose = copy.deepcopy(compose_file())
+        change(compose["services"]["ledger-db"], compose["services"]["predictor"])
+        return ledger_wiring_problems(compose)
+
+    def latest(database, predictor):
+        database["image"] = "postgres:latest"
+
+    def no_healthcheck(database, predictor):
+        del database["healthcheck"]
+
+    def anonymous_volume(database, predictor):
+        database["volumes"] = ["/var/lib/postgresql/data"]
+
+    def wrong_host(database, predictor):
+        uri = predictor["environment"][LEDGER_KEY]
+        predictor["environment"][LEDGER_KEY] = uri.replace("@ledger-db:", "@localhost:")
+
+    def other_password(database, predictor):
+        database["environment"]["POSTGRES_PASSWORD"] = "changed"
+
+    def no_wait(database, predictor):
+        del predictor["depends_on"]["ledger-db"]
+
+    assert any("not a pinned upstream postgres" in p for p in broken(latest))
+    assert any("pg_isready" in p for p in broken(no_healthcheck))
+    assert any("named volume" in p for p in broken(anonymous_volume))
+    assert any("is not ledger-db's database" in p for p in broken(wrong_host))
+    assert any("is not ledger-db's database" in p for p in broken(other_password))
+    assert any("does not wait" in p for p in broken(no_wait))
+
+
+def normalised(reference: str) -> str:
+    """An image reference as podman and docker name it: postgres:15 is
+    docker.io/library/postgres:15, acme/app:1 is docker.io/acme/app:1."""
+    first = reference.split("/", 1)[0]
+    if "/" not in reference:
+        return f"docker.io/library/{reference}"
+    if "." in first or ":" in first or first == "localhost":
+        return reference
+    return f"docker.io/{reference}"
+
+
+def pulled_images() -> set[str]:
+    """Images the Dockerfile and the compose file take from a registry (not built here)."""
+    images = {
+        service["image"]
+        for service in compose_file()["services"].values()
+        if "image" in service and "build" not in service
+    }
+    stages: set[str] = set()
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        words = [w for w in line.split() if not w.startswith("--")]
+        if words and words[0].upper() == "FROM":
+            if words[1] not in stages:
+                images.add(words[1])
+            if len(words) > 3 and words[2].upper() == "AS":
+                stages.add(words[3])
+    return {normalised(image) for image in images}
+
+
+def stand_ins() -> set[str]:
+    """What containers/ builds under upstream names where images cannot be pulled: the
+    entries of stand-ins.list, and the project's own stand-in Dockerfiles (by their label)."""
+    listed = {
+        line.split()[0]
+        for line in (ROOT / "containers" / "stand-ins.list").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    }
+    for dockerfile in (ROOT / "containers").glob("*/Dockerfile"):
+        listed |= set(re.findall(r"local-stand-in-for-(\S+)", dockerfile.read_text()))
+    return {normalised(reference) for reference in listed}
+
+
+def test_every_image_the_stack_pulls_has_a_stand_in():
+    assert "docker.io/library/postgres:15-bookworm" in pulled_images()
+    assert pulled_images() - stand_ins() == set()
+    # The list says how the postgres stand-in is built: on the python one, listed first.
+    listed = (ROOT / "containers" / "stand-ins.list").read_text()
+    base = re.search(r"--build-arg BASE=(\S+) .*\n#\s+-t (\S+) containers/postgres", listed)
+    assert base and normalised(base[1]) in stand_ins(), "no build command in stand-ins.list"
+    assert normalised(base[2]) == "docker.io/library/postgres:15-bookworm"
+    hadolint = shutil.which("hadolint")
+    if hadolint is not None:
+        result = subprocess.run(
+            [hadolint, str(ROOT / "containers" / "postgres" / "Dockerfile")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stdout
+
+
+def test_stand_in_check_catches_an_image_without_one():
+    assert normalised("postgres:16") not in stand_ins()
+    assert normalised("ghcr.io/mlflow/mlflow:v3.17.2") == "ghcr.io/mlflow/mlflow:v3.17.2"
+    assert normalised("bitnami/postgresql:15") == "docker.io/bitnami/postgresql:15"
 
 
 def image_env(dockerfile: str, target: str) -> dict[str, str]:

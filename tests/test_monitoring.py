@@ -10,28 +10,43 @@ promtool and prometheus come from Debian's `prometheus` package, the Pushgateway
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
+import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
+import psycopg
 import pytest
 import requests
 import yaml
 from support import ORDINARY, SUSPICIOUS, as_row, free_port, launch_predictor, stop
 from test_manifests import (
     K8S_VERSION,
+    LEDGER_DATABASE,
+    POSTGRESQL,
     SCHEMAS_DIR,
+    admitted_by_caller,
     admitted_ports,
+    checkov,
     kubectl,
+    ledger_env_problems,
     pod_spec,
+    policy_violations,
+    reachable_on,
+    selector_matches,
     strict,
 )
+
+from predictor.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPONENT = ROOT / "manifests" / "components" / "monitoring"
@@ -383,48 +398,58 @@ def test_the_rules_and_dashboard_reference_the_metrics_they_mean():
         assert expected in names
 
 
-@pytest.fixture
-def prometheus(tmp_path, mlflow_server, champion):
-    """A predictor on loopback and a real Prometheus scraping it every second."""
-    predictor = launch_predictor(
-        tmp_path / "predictor", env={"MLFLOW_TRACKING_URI": mlflow_server.url}
-    )
+def wait_ready(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/-/ready", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+
+
+def start_prometheus(directory: Path, scrape_configs: list[dict]) -> tuple[str, subprocess.Popen]:
+    """A real Prometheus with the rules, scraping and evaluating every second."""
     port = free_port()
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(write_rules(tmp_path))],
-        "scrape_configs": [
-            {
-                "job_name": "fraud-predictor",
-                "static_configs": [{"targets": [predictor.url.removeprefix("http://")]}],
-            }
-        ],
+        "rule_files": [str(write_rules(directory))],
+        "scrape_configs": scrape_configs,
     }
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - lives with the process
+    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
+    log = open(directory / "prometheus.log", "wb")  # noqa: SIM115 - lives with the process
     process = subprocess.Popen(
         [
             tool("prometheus"),
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--config.file={directory / 'prometheus.yml'}",
+            f"--storage.tsdb.path={directory / 'tsdb'}",
             f"--web.listen-address=127.0.0.1:{port}",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
+    wait_ready(url)
+    return url, process
+
+
+@pytest.fixture
+def prometheus(tmp_path, mlflow_server, champion):
+    """A predictor on loopback and a real Prometheus scraping it every second."""
+    predictor = launch_predictor(
+        tmp_path / "predictor", env={"MLFLOW_TRACKING_URI": mlflow_server.url}
+    )
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{url}/-/ready", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        yield url, predictor
+        target = predictor.url.removeprefix("http://")
+        url, process = start_prometheus(
+            tmp_path, [{"job_name": "fraud-predictor", "static_configs": [{"targets": [target]}]}]
+        )
+        try:
+            yield url, predictor
+        finally:
+            stop(process)
     finally:
-        stop(process)
         stop(predictor.process)
 
 
@@ -492,6 +517,133 @@ def test_prometheus_scrapes_what_the_traffic_implies(prometheus):
     assert [r["name"] for r in rules if r["health"] != "ok"] == []
     firing = {r["name"] for r in rules if r.get("state") == "firing"}
     assert "FraudPredictorDown" not in firing and "FraudPredictorHighErrorRatio" not in firing
+
+
+# ---------------------------------- fraud-report, a real Pushgateway, a real Prometheus
+
+# Where the CronJob pushes (replaced by a local Pushgateway here).
+PUSHGATEWAY_URL = "http://pushgateway.monitoring.svc:9091"
+
+
+@pytest.fixture
+def pushgateway(tmp_path) -> str:
+    """A real Pushgateway on loopback, keeping nothing on disk."""
+    port = free_port()
+    log = open(tmp_path / "pushgateway.log", "wb")  # noqa: SIM115 - lives with the process
+    process = subprocess.Popen(
+        [
+            tool("prometheus-pushgateway"),
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--persistence.file=",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, timeout=30)
+        yield url
+    finally:
+        stop(process)
+
+
+def fill_ledger(uri: str) -> None:
+    """Version 1: 100 transactions an hour ago, all labelled; 60 flagged, 18 of them fraud,
+    2 frauds missed (precision 0.3, recall 0.9). Version 2: 20, all labelled, 10 flagged,
+    no fraud (precision 0, recall undefined)."""
+    scored_at = datetime.now(UTC) - timedelta(hours=1)
+    decisions, outcomes = [], []
+    for version, count, flagged, caught, missed in (("1", 100, 60, 18, 2), ("2", 20, 10, 0, 0)):
+        for n in range(count):
+            transaction_id = f"v{version}-{n}"
+            probability = 0.9 if n < flagged else 0.1
+            decisions.append(
+                (transaction_id, None, scored_at, "fraud-detector", version, probability, 0.5,
+                 n < flagged, "{}", "v1", None, None)
+            )  # fmt: skip
+            fraud = n < caught or flagged <= n < flagged + missed
+            outcomes.append((transaction_id, fraud, None, "test"))
+    store = Store(uri)
+    try:
+        store.migrate()
+        store.write_decisions(decisions)
+        store.replace_outcomes(outcomes)
+    finally:
+        store.close()
+
+
+def by_version(url: str, expr: str) -> dict[str, float]:
+    return {json.loads(k)["model_version"]: v for k, v in query(url, expr).items()}
+
+
+def test_fraud_report_pushes_what_the_ledger_alerts_read(tmp_path, postgres, pushgateway):
+    """The CronJob's command, run as the CronJob runs it (the ledger's URI in
+    DECISION_LOG_URI), reads a PostgreSQL ledger and pushes to a real Pushgateway; a real
+    Prometheus scraping it with honor_labels: true finds every pushed metric the rules and
+    the dashboard name under job="fraud-report", and holds the precision alert pending for
+    the one version below its floor with enough labels."""
+    database = f"report_{free_port()}"
+    with psycopg.connect(postgres.url, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{database}"')
+    ledger = f"{postgres.url.rsplit('/', 1)[0]}/{database}"
+    fill_ledger(ledger)
+    objects = render_with_monitoring(tmp_path / "render", "manifests/fallback")
+    (container,) = pod_spec(next(o for o in objects if o["kind"] == "CronJob"))["containers"]
+    command = [*container["command"], *container["args"]]
+    assert PUSHGATEWAY_URL in command
+    command[command.index(PUSHGATEWAY_URL)] = pushgateway
+    executable = Path(sys.executable).parent / command[0]  # the console script, as installed
+    (tmp_path / "run").mkdir()
+    reported = subprocess.run(
+        [str(executable), *command[1:]],
+        env={**os.environ, "DECISION_LOG_URI": ledger},
+        cwd=tmp_path / "run",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert reported.returncode == 0, reported.stderr
+    assert "pushed 2 version(s)" in reported.stderr
+
+    target = pushgateway.removeprefix("http://")
+    url, process = start_prometheus(
+        tmp_path,
+        [{"job_name": "pushgateway", "honor_labels": True,
+          "static_configs": [{"targets": [target]}]}],
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        pending: list[dict] = []
+        while time.monotonic() < deadline:
+            groups = requests.get(f"{url}/api/v1/rules", timeout=10).json()["data"]["groups"]
+            rules = {r["name"]: r for g in groups for r in g["rules"] if r["type"] == "alerting"}
+            pending = rules["FraudLivePrecisionLow"]["alerts"]
+            if pending:
+                break
+            time.sleep(0.5)
+        assert [(a["state"], a["labels"]["model_version"]) for a in pending] == [("pending", "1")]
+        assert (
+            pending[0]["labels"]["job"] == "fraud-report" and "instance" not in pending[0]["labels"]
+        )
+        assert rules["FraudLiveRecallLow"]["alerts"] == []
+        assert rules["FraudReportStale"]["alerts"] == []
+        assert [r["name"] for r in rules.values() if r["health"] != "ok"] == []
+
+        names = set(query(url, 'group by (__name__) ({job="fraud-report"})'))
+        names = {json.loads(n)["__name__"] for n in names}
+        wanted = {n for n in referenced_metrics() if PUSHED_BY_THE_REPORT.match(n)}
+        assert wanted - names == set(), "referenced but never pushed"
+        assert by_version(url, 'fraud_live_precision{job="fraud-report"}') == {"1": 0.3, "2": 0.0}
+        assert by_version(url, 'fraud_live_recall{job="fraud-report"}') == {"1": 0.9}
+        assert by_version(url, 'fraud_live_labelled{job="fraud-report"}') == {"1": 100, "2": 20}
+        assert by_version(url, 'fraud_live_decisions{job="fraud-report"}') == {"1": 100, "2": 20}
+        assert by_version(url, 'fraud_live_alert_rate{job="fraud-report"}') == {"1": 0.6, "2": 0.5}
+        age = scalar(
+            url, 'time() - fraud_report_last_success_timestamp_seconds{job="fraud-report"}'
+        )
+        assert age is not None and -5 < age < 60
+    finally:
+        stop(process)
 
 
 # ------------------------------------------------------------ the component, rendered
@@ -567,7 +719,7 @@ def test_monitoring_component_scrapes_each_deployable_through_an_admitted_port(
     }
     scraped = [e["port"] for e in monitor["podMetricsEndpoints"] if e["port"] in ports]
     assert len(scraped) == 1, (deployable, ports)
-    assert ports[scraped[0]] in admitted_ports(tuple(objects))
+    assert ports[scraped[0]] in admitted_ports((predictor_policy(objects),))
     project = yaml.safe_load((ROOT / "argocd" / "project.yaml").read_text())
     allowed = {(k["group"], k["kind"]) for k in project["spec"]["namespaceResourceWhitelist"]}
     for obj in objects:  # Argo CD syncs only the kinds the AppProject admits
@@ -575,3 +727,164 @@ def test_monitoring_component_scrapes_each_deployable_through_an_admitted_port(
     dashboard = next(o for o in objects if o["metadata"]["name"].startswith("fraud-predictor-dash"))
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(dashboard["data"]["fraud-predictor.json"])["uid"] == "fraud-predictor"
+
+
+def predictor_policy(objects: list[dict]) -> dict:
+    (policy,) = [
+        o
+        for o in objects
+        if o["kind"] == "NetworkPolicy" and o["metadata"]["name"].startswith("fraud-predictor")
+    ]
+    return policy
+
+
+# ------------------------------------------------------------- the fraud-report CronJob
+
+PUSHGATEWAY = ("monitoring", {"app.kubernetes.io/name": "prometheus-pushgateway"})
+REPORT_COMMAND = ["fraud-report", "--days", "30", "--pushgateway", PUSHGATEWAY_URL]
+SCHEDULE_MINUTES = 15
+
+
+def report_pod_labels(cronjob: dict) -> dict[str, str]:
+    return cronjob["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+
+
+def report_problems(objects: list[dict]) -> list[str]:
+    """Why the component's fraud-report CronJob would not run as the predictor's pods run,
+    from the deployable's image, with the ledger Secret, one run at a time within its slot."""
+    (cronjob,) = [o for o in objects if o["kind"] == "CronJob"]
+    workload = next(o for o in objects if o["kind"] in ("InferenceService", "Deployment"))
+    (predictor,) = pod_spec(workload)["containers"]
+    spec = pod_spec(cronjob)
+    (container,) = spec["containers"]
+    problems = policy_violations(cronjob)
+    command = [*container.get("command", []), *container.get("args", [])]
+    if command != REPORT_COMMAND:
+        problems.append(f"runs {command}")
+    if container["image"] != predictor["image"]:
+        problems.append(f"image {container['image']} is not the predictor's {predictor['image']}")
+    if container.get("securityContext") != predictor.get("securityContext"):
+        problems.append("its security context is not the predictor's")
+    problems += ledger_env_problems(cronjob, {}, optional=False)
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    tmp = [m for m in container.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+    if len(tmp) != 1 or "emptyDir" not in volumes.get(tmp[0]["name"], {}):
+        problems.append("/tmp is not an emptyDir")
+    if spec.get("automountServiceAccountToken") is not False:
+        problems.append("the service account token is mounted")
+    schedule, job = cronjob["spec"], cronjob["spec"]["jobTemplate"]["spec"]
+    if schedule["schedule"] != f"*/{SCHEDULE_MINUTES} * * * *":
+        problems.append(f"schedule {schedule['schedule']}")
+    if schedule.get("concurrencyPolicy") != "Forbid":
+        problems.append("runs may overlap")
+    for limit in ("successfulJobsHistoryLimit", "failedJobsHistoryLimit"):
+        if not 1 <= schedule.get(limit, -1) <= 5:
+            problems.append(f"{limit} is {schedule.get(limit)}")
+    if not 0 < job.get("activeDeadlineSeconds", 0) <= SCHEDULE_MINUTES * 60:
+        problems.append(f"activeDeadlineSeconds {job.get('activeDeadlineSeconds')} outlasts a slot")
+    return problems
+
+
+@pytest.mark.parametrize("deployable", list(MODE_PORTS))
+def test_report_cronjob_runs_like_the_predictor_from_the_deployables_image(tmp_path, deployable):
+    objects = render_with_monitoring(tmp_path, deployable)
+    assert report_problems(objects) == []
+    (cronjob,) = [o for o in objects if o["kind"] == "CronJob"]
+    image = pod_spec(cronjob)["containers"][0]["image"]
+    kustomization = yaml.safe_load((ROOT / deployable / "kustomization.yaml").read_text())
+    (entry,) = kustomization["images"]
+    assert image == f"{entry['newName']}:{entry['newTag']}"  # the deployable's images: entry
+    accounts = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ServiceAccount"}
+    account = accounts[pod_spec(cronjob)["serviceAccountName"]]
+    assert account["automountServiceAccountToken"] is False
+    monitor = next(o for o in objects if o["kind"] == "PodMonitor")["spec"]
+    assert not selector_matches(monitor["selector"], report_pod_labels(cronjob))  # not scraped
+
+
+def test_report_check_catches_each_way_the_cronjob_would_go_wrong(tmp_path):
+    objects = render_with_monitoring(tmp_path, "manifests/fallback")
+
+    def broken(change) -> list[str]:
+        copied = copy.deepcopy(objects)
+        cronjob = next(o for o in copied if o["kind"] == "CronJob")
+        change(cronjob, pod_spec(cronjob), pod_spec(cronjob)["containers"][0])
+        return report_problems(copied)
+
+    def literal(cronjob, spec, container):
+        container["env"] = [{"name": "DECISION_LOG_URI", "value": "postgresql://u:p@db/ledger"}]
+
+    def optional(cronjob, spec, container):
+        container["env"][0]["valueFrom"]["secretKeyRef"]["optional"] = True
+
+    def own_image(cronjob, spec, container):
+        container["image"] = "ghcr.io/fraud-predictor/fraud-predictor:0.0.9"
+
+    def writable(cronjob, spec, container):
+        container["securityContext"]["readOnlyRootFilesystem"] = False
+
+    def as_root(cronjob, spec, container):
+        container["securityContext"]["runAsUser"] = 0
+
+    def overlapping(cronjob, spec, container):
+        cronjob["spec"]["concurrencyPolicy"] = "Allow"
+        cronjob["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] = 3600
+
+    def elsewhere(cronjob, spec, container):
+        container["args"][-1] = "http://127.0.0.1:9091"
+
+    def no_tmp(cronjob, spec, container):
+        container["volumeMounts"] = []
+
+    assert any("is not read from a Secret" in p for p in broken(literal))
+    assert any("is not required" in p for p in broken(optional))
+    assert any("is not the predictor's" in p for p in broken(own_image))
+    assert any("readOnlyRootFilesystem" in p for p in broken(writable))
+    assert "its security context is not the predictor's" in broken(as_root)
+    assert {"runs may overlap", "activeDeadlineSeconds 3600 outlasts a slot"} <= set(
+        broken(overlapping)
+    )
+    assert any(p.startswith("runs [") for p in broken(elsewhere))
+    assert "/tmp is not an emptyDir" in broken(no_tmp)
+
+
+def report_policy(objects: list[dict]) -> dict:
+    (cronjob,) = [o for o in objects if o["kind"] == "CronJob"]
+    labels = report_pod_labels(cronjob)
+    (policy,) = [
+        o
+        for o in objects
+        if o["kind"] == "NetworkPolicy" and selector_matches(o["spec"]["podSelector"], labels)
+    ]
+    return policy
+
+
+@pytest.mark.parametrize("deployable", list(MODE_PORTS))
+def test_report_pods_reach_only_dns_postgresql_and_the_pushgateway(tmp_path, deployable):
+    objects = render_with_monitoring(tmp_path, deployable)
+    policy = report_policy(objects)
+    assert policy is not predictor_policy(objects)  # the predictor's rules are not its own
+    assert admitted_by_caller(policy) == {}  # nothing comes in
+    assert reachable_on(policy, *LEDGER_DATABASE) == {53, POSTGRESQL}
+    assert reachable_on(policy, *PUSHGATEWAY) == {53, POSTGRESQL, 9091}
+    predictor_pod = ("fraud-detection", {"app": "fraud-predictor"})
+    assert reachable_on(policy, *predictor_pod) == {53, POSTGRESQL}
+    # And the predictor's pods reach the ledger too.
+    assert POSTGRESQL in reachable_on(predictor_policy(objects), *LEDGER_DATABASE)
+
+
+def test_report_policy_check_catches_open_egress(tmp_path):
+    policy = copy.deepcopy(report_policy(render_with_monitoring(tmp_path, "manifests/fallback")))
+    del policy["spec"]["egress"][2]["to"]
+    assert reachable_on(policy, *LEDGER_DATABASE) == {53, POSTGRESQL, 9091}
+    policy["spec"]["egress"].append({})
+    assert "all" in reachable_on(policy, *LEDGER_DATABASE)
+
+
+def test_checkov_finds_nothing_in_the_report_cronjob_and_its_policy(tmp_path):
+    objects = render_with_monitoring(tmp_path, "manifests/fallback")
+    report = [o for o in objects if "fraud-report" in o["metadata"]["name"]]
+    assert sorted(o["kind"] for o in report) == ["CronJob", "NetworkPolicy", "ServiceAccount"]
+    path = tmp_path / "report.yaml"
+    path.write_text(yaml.safe_dump_all(report))
+    result = checkov("-f", str(path), "--framework", "kubernetes")
+    assert result.returncode == 0, result.stdout
