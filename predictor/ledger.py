@@ -36,15 +36,17 @@ MAX_BATCH_ROWS = 5_000
 MAX_RETRY_SECONDS = 5.0
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Scored:
-    """One request's decisions as the request enqueued them (rows are made by the writer)."""
+    """One request's decisions as the request enqueued them (rows are made by the writer,
+    so a request pays for little more than this object: a few microseconds)."""
 
     decoded: Decoded
     transaction_ids: list[str]
     probabilities: np.ndarray
     decisions: np.ndarray
-    scored_at: datetime
+    #: When it was scored, seconds since the epoch (turned into a datetime by the writer).
+    scored_at: float
     model_name: str
     model_version: str
     threshold: float
@@ -59,6 +61,7 @@ class Scored:
     def rows(self) -> list[tuple]:
         """The `decisions` rows, in DECISION_COLUMNS order (transaction as JSON text)."""
         sent = self.decoded.rows()
+        scored_at = datetime.fromtimestamp(self.scored_at, UTC)
         shadow = (
             self.shadow_probabilities.tolist()
             if self.shadow_probabilities is not None
@@ -68,7 +71,7 @@ class Scored:
             (
                 transaction_id,
                 self.request_id,
-                self.scored_at,
+                scored_at,
                 self.model_name,
                 self.model_version,
                 probability,
@@ -396,5 +399,6 @@ def open_decision_log(settings: Any) -> DecisionLog | None:
     )
 
 
-def now() -> datetime:
-    return datetime.now(UTC)
+def now() -> float:
+    """A decision's time, as Scored keeps it."""
+    return time.time()

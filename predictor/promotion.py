@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from predictor import registry
-from predictor.report import parse_day_or_time
+from predictor.report import Quality, parse_day_or_time
 from predictor.settings import DEFAULT_MODEL_NAME, ConfigurationError, load_settings
 from predictor.store import Store, StoreError
 
@@ -48,24 +48,6 @@ class Refused(Exception):
 
 
 @dataclass
-class SideQuality:
-    flagged: int = 0
-    true_positives: int = 0
-    false_positives: int = 0
-    false_negatives: int = 0
-
-    @property
-    def precision(self) -> float | None:
-        flagged = self.true_positives + self.false_positives
-        return self.true_positives / flagged if flagged else None
-
-    @property
-    def recall(self) -> float | None:
-        fraud = self.true_positives + self.false_negatives
-        return self.true_positives / fraud if fraud else None
-
-
-@dataclass
 class Comparison:
     """Champion against shadow challenger on the same (latest-decided) transactions."""
 
@@ -78,14 +60,14 @@ class Comparison:
     labelled_fraud: int = 0
 
     def __post_init__(self) -> None:
-        self.champion_side = SideQuality()
-        self.challenger_side = SideQuality()
+        self.champion_side = Quality()
+        self.challenger_side = Quality()
 
     @property
     def agreement_rate(self) -> float | None:
         return self.agreements / self.transactions if self.transactions else None
 
-    def flag_rate(self, side: SideQuality) -> float | None:
+    def flag_rate(self, side: Quality) -> float | None:
         return side.flagged / self.transactions if self.transactions else None
 
 

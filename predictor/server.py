@@ -92,20 +92,10 @@ def v2_infer_endpoint(dataplane: FraudDataPlane):
     """
 
     async def infer(raw_request: Request, model_name: str) -> Response:
-        if not await dataplane.model_ready(model_name, True):
-            raise ModelNotReady(model_name)
-        body = await raw_request.body()
-        headers = dict(raw_request.headers)
-        small = offload.is_small(body_bytes=len(body))
-        infer_request = await offload.run_sized(
-            small, dataplane.decode_v2, body, headers, model_name
-        )
-        response, response_headers = await dataplane.infer(
-            model_name=model_name, request=infer_request, headers=headers
-        )
-        return await offload.run_sized(
-            small, encoded_response, dataplane, model_name, response, response_headers, headers, {}
-        )
+        def decode(body: bytes, headers: dict[str, str]) -> tuple[InferRequest, dict]:
+            return dataplane.decode_v2(body, headers, model_name), {}
+
+        return await answered(dataplane, raw_request, model_name, decode, dataplane.infer)
 
     return infer
 
@@ -115,31 +105,38 @@ def v1_endpoint(dataplane: FraudDataPlane, verb: str):
     answers encoded) in the thread pool, as V2's are (KServe parses V1 JSON on the event
     loop), and response headers that are the server's own (KServe's `:explain` echoes every
     request header). tests/test_v1_route.py pins it against KServe's handler."""
+    call = dataplane.explain if verb == "explain" else dataplane.infer
 
     async def handler(raw_request: Request, model_name: str) -> Response:
-        if not await dataplane.model_ready(model_name, True):
-            raise ModelNotReady(model_name)
-        body = await raw_request.body()
-        headers = dict(raw_request.headers)
-        small = offload.is_small(body_bytes=len(body))
-        infer_request, attributes = await offload.run_sized(small, dataplane.decode, body, headers)
-        call = dataplane.explain if verb == "explain" else dataplane.infer
-        response, response_headers = await call(
-            model_name=model_name, request=infer_request, headers=headers
-        )
-        return await offload.run_sized(
-            small,
-            encoded_response,
-            dataplane,
-            model_name,
-            response,
-            response_headers,
-            headers,
-            attributes,
-        )
+        return await answered(dataplane, raw_request, model_name, dataplane.decode, call)
 
     handler.__name__ = verb
     return handler
+
+
+async def answered(dataplane: FraudDataPlane, raw_request: Request, model_name: str, decode, call):
+    """What every inference route does: refuse until the model is ready, read the body,
+    decode it, have the model answer, encode the answer; decoding and encoding of large
+    bodies in the thread pool (predictor.offload)."""
+    if not await dataplane.model_ready(model_name, True):
+        raise ModelNotReady(model_name)
+    body = await raw_request.body()
+    headers = dict(raw_request.headers)
+    small = offload.is_small(body_bytes=len(body))
+    infer_request, attributes = await offload.run_sized(small, decode, body, headers)
+    response, response_headers = await call(
+        model_name=model_name, request=infer_request, headers=headers
+    )
+    return await offload.run_sized(
+        small,
+        encoded_response,
+        dataplane,
+        model_name,
+        response,
+        response_headers,
+        headers,
+        attributes,
+    )
 
 
 def encoded_response(

@@ -377,7 +377,7 @@ def scored(rows: int, start: int = 0) -> Scored:
         [f"u-{start + n}" for n in range(rows)],
         np.full(rows, 0.25),
         np.zeros(rows, dtype=bool),
-        datetime.now(UTC),
+        time.time(),
         MODEL,
         "3",
         0.5,
