@@ -130,7 +130,7 @@ def new_ids(count: int) -> list[str]:
     """`count` random (version 4) UUIDs as text: one read of the OS's randomness for all
     of them (uuid.uuid4() per row costs 10 ms for 10,000 rows)."""
     if count < 8:  # numpy's per-call overhead costs more than it saves here
-        return [str(uuid.uuid4()) for _ in range(count)]
+        return [_uuid4_text(os.urandom(16).hex()) for _ in range(count)]
     raw = np.frombuffer(os.urandom(16 * count), dtype=np.uint8).reshape(count, 16).copy()
     raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40  # version 4
     raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
@@ -138,6 +138,12 @@ def new_ids(count: int) -> list[str]:
     for row in raw.tobytes().hex(" ", 16).split(" "):
         ids.append(f"{row[:8]}-{row[8:12]}-{row[12:16]}-{row[16:20]}-{row[20:]}")
     return ids
+
+
+def _uuid4_text(hex32: str) -> str:
+    """32 random hex digits as a version 4 UUID (uuid.uuid4() costs 3x as much)."""
+    variant = "89ab"[int(hex32[16], 16) & 3]
+    return f"{hex32[:8]}-{hex32[8:12]}-4{hex32[13:16]}-{variant}{hex32[17:20]}-{hex32[20:]}"
 
 
 def decode_v1(body: Any, max_rows: int) -> Decoded:

@@ -439,3 +439,11 @@ def test_a_role_that_may_only_read_and_insert_records_on_a_migrated_ledger(postg
     assert log.record(scored(3))
     log.close()
     assert [row["transaction_id"] for row in decisions(database)] == ["u-0", "u-1", "u-2"]
+
+
+@pytest.mark.parametrize("count", [1, 7, 8, 500])
+def test_server_made_ids_are_distinct_version_4_uuids(count):
+    ids = codec.new_ids(count)
+    parsed = [uuid.UUID(text) for text in ids]
+    assert [str(u) for u in parsed] == ids and len(set(ids)) == count
+    assert all(u.version == 4 and u.variant == uuid.RFC_4122 for u in parsed)
