@@ -485,3 +485,16 @@ def test_the_server_process_imports_no_training_code():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_the_predictor_protocol_flag_leaves_every_door_answering(
+    start_predictor, mlflow_server, champion
+):
+    """KServe's Model.validate assumed a dict or InferRequest and answered 500 with
+    `--predictor_protocol v2`; the batch is validated in preprocess instead."""
+    predictor = start_predictor(
+        env={"MLFLOW_TRACKING_URI": mlflow_server.url}, args=["--predictor_protocol", "v2"]
+    )
+    assert requests.post(v1_url(predictor), json={"instances": [GOOD]}, timeout=30).ok
+    body = v2_request_body([GOOD])
+    assert requests.post(v2_url(predictor), json=body, timeout=30).ok
