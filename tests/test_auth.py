@@ -373,15 +373,21 @@ def test_no_client_can_unload_or_load_the_model(guarded, stub):
 # ------------------------------------------------------------------------- rotation
 
 
+def predictor_with_tokens(mlflow_server, workdir: Path):
+    """A predictor of its own, with a token file granting `payments` the predict scope."""
+    tokens_file = workdir / "tokens"
+    tokens = write_tokens(tokens_file, {"payments": "predict"})
+    predictor = launch_predictor(
+        workdir,
+        env={"MLFLOW_TRACKING_URI": mlflow_server.url, "AUTH_TOKENS_FILE": str(tokens_file)},
+    )
+    return predictor, tokens_file, tokens
+
+
 def test_a_rotated_token_file_takes_effect_within_10_s_and_a_broken_one_keeps_the_last(
     mlflow_server, champion, tmp_path
 ):
-    tokens_file = tmp_path / "tokens"
-    first = write_tokens(tokens_file, {"payments": "predict"})
-    predictor = launch_predictor(
-        tmp_path,
-        env={"MLFLOW_TRACKING_URI": mlflow_server.url, "AUTH_TOKENS_FILE": str(tokens_file)},
-    )
+    predictor, tokens_file, first = predictor_with_tokens(mlflow_server, tmp_path)
     url = f"{predictor.url}/v1/models/{MODEL}:predict"
 
     def status(token: str) -> int:
@@ -587,12 +593,7 @@ def test_anonymous_grpc_messages_are_refused_before_they_are_parsed(guarded):
 def test_emptying_the_token_file_revokes_every_token_even_after_it_was_missing(
     mlflow_server, champion, tmp_path
 ):
-    tokens_file = tmp_path / "tokens"
-    tokens = write_tokens(tokens_file, {"payments": "predict"})
-    predictor = launch_predictor(
-        tmp_path,
-        env={"MLFLOW_TRACKING_URI": mlflow_server.url, "AUTH_TOKENS_FILE": str(tokens_file)},
-    )
+    predictor, tokens_file, tokens = predictor_with_tokens(mlflow_server, tmp_path)
     url = f"{predictor.url}/v1/models/{MODEL}:predict"
     headers = {**JSON, **bearer(tokens["payments"])}
     try:

@@ -102,6 +102,7 @@ def test_compose_runs_mlflow_then_trainer_then_predictor(compose):
     assert services["trainer"]["depends_on"] == {"mlflow": {"condition": "service_healthy"}}
     assert services["predictor"]["depends_on"] == {
         "mlflow": {"condition": "service_healthy"},
+        "ledger-db": {"condition": "service_healthy"},
         "trainer": {"condition": "service_completed_successfully"},
     }
     for name in ("mlflow", "predictor"):
