@@ -36,7 +36,7 @@ from predictor import auth, registry  # noqa: E402
 from predictor.bootstrap import BootstrapError, ensure_embedded_model  # noqa: E402
 from predictor.logs import configure_logging, json_log_config  # noqa: E402
 from predictor.model import FraudModel  # noqa: E402
-from predictor.runtime import remove_run_dir  # noqa: E402
+from predictor.runtime import remove_run_dir, tune_gc  # noqa: E402
 from predictor.server import build_server  # noqa: E402
 from predictor.settings import (  # noqa: E402
     DEFAULT_MODEL_NAME,
@@ -48,6 +48,7 @@ from predictor.settings import (  # noqa: E402
 logger = logging.getLogger("predictor.server")
 
 gc.freeze()
+tune_gc()
 gc.enable()
 
 

@@ -34,6 +34,19 @@ def pin_native_threads() -> None:
         os.environ.setdefault(variable, "1")
 
 
+#: Cyclic GC thresholds of a serving process. A 10,000-row request makes about 100,000
+#: container objects: with the default (700, 10, 10) each one sets off dozens of young
+#: collections, and full collections walk every row in flight, holding the GIL (measured:
+#: 50 concurrent 10,000-row batches, liveness p99 167 -> 106-121 ms, batches 20 % faster).
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    import gc
+
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def import_model_loader() -> None:
     """Import skops.io (and scikit-learn with it) before KServe, MLflow and pandas.
 

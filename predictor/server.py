@@ -429,6 +429,7 @@ def prepare_serving_process(dataplane: FraudDataPlane) -> None:
     """Everything a process that answers HTTP needs: edges, and models loading themselves."""
     configure_logging(dataplane.settings.log_format)
     quiet_kserve_logging(dataplane.settings.access_log)
+    runtime.tune_gc()  # a `--workers` process too
     # KServe's V1 endpoints use ORJSONResponse, which FastAPI warns about on every request.
     warnings.filterwarnings("ignore", category=FastAPIDeprecationWarning)
     seam.bound_request_heads(dataplane.settings.max_header_bytes)
