@@ -64,6 +64,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+#: KServe flags this server does not honour, and what to use instead: refused at start
+#: rather than silently ignored.
+NOT_HONOURED = {
+    "grpc_max_send_message_length": "answers are as large as the request allows",
+    "grpc_max_receive_message_length": "set MAX_REQUEST_BYTES (it bounds REST and gRPC)",
+    "predictor_host": "this server is a predictor, not a transformer",
+}
+
+
+def refused_flags(args: argparse.Namespace, settings: Settings) -> str | None:
+    """Why the command line cannot be served as given, in one line, or None."""
+    for name, instead in NOT_HONOURED.items():
+        if getattr(args, name) != model_server.parser.get_default(name):
+            return f"--{name} is not honoured by this server: {instead}"
+    if args.log_config_file and settings.log_format == "json":
+        return "--log_config_file and LOG_FORMAT=json both configure logging: use one"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["token"]:
@@ -119,6 +138,9 @@ def serve(args: argparse.Namespace) -> int:
         settings = load_settings()
     except ConfigurationError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    if (refusal := refused_flags(args, settings)) is not None:
+        print(f"error: {refusal}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format)
     if settings.log_format == "json":

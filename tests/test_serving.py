@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ from kserve import (
 )
 from sklearn.ensemble import HistGradientBoostingClassifier
 from support import ORDINARY as GOOD
-from support import free_port
+from support import ROOT, free_port
 
 from predictor import registry
 from predictor.codec import V2_INPUTS, v2_request_body
@@ -498,3 +499,25 @@ def test_the_predictor_protocol_flag_leaves_every_door_answering(
     assert requests.post(v1_url(predictor), json={"instances": [GOOD]}, timeout=30).ok
     body = v2_request_body([GOOD])
     assert requests.post(v2_url(predictor), json=body, timeout=30).ok
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--grpc_max_receive_message_length", "100"], {}, "set MAX_REQUEST_BYTES"),
+        (["--grpc_max_send_message_length", "100"], {}, "--grpc_max_send_message_length"),
+        (["--predictor_host", "elsewhere"], {}, "not a transformer"),
+        (["--log_config_file", "logs.yaml"], {"LOG_FORMAT": "json"}, "use one"),
+    ],
+)
+def test_inherited_flags_the_server_would_ignore_stop_the_start(tmp_path, args, env, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "predictor", *args],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
