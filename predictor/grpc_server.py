@@ -161,6 +161,7 @@ class FraudInferenceServicer(InferenceServicer):
 
     def __init__(self, data_plane, max_rows: int, max_bytes: int):
         super().__init__(data_plane, None)
+        self.dataplane = data_plane  # our own reference: KServe's is private
         self.max_rows = max_rows
         self.max_bytes = max_bytes
 
@@ -174,7 +175,7 @@ class FraudInferenceServicer(InferenceServicer):
         raise GrpcException(status_code=StatusCode.UNIMPLEMENTED, details=REPOSITORY_REFUSED)
 
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
-        metadata = self._data_plane.metadata()
+        metadata = self.dataplane.metadata()
         return pb.ServerMetadataResponse(
             name=metadata["name"], version=metadata["version"], extensions=metadata["extensions"]
         )
@@ -191,7 +192,7 @@ class FraudInferenceServicer(InferenceServicer):
         rows = max((tensor.shape[0] for tensor in request.inputs if tensor.shape), default=0)
         small = offload.is_small(rows=rows, body_bytes=size)
         infer_request = await offload.run_sized(small, decode_grpc_request, request)
-        response, _ = await self._data_plane.infer(
+        response, _ = await self.dataplane.infer(
             request=infer_request, headers=headers, model_name=request.model_name
         )
         if request.model_version and response.model_version != request.model_version:
@@ -203,7 +204,7 @@ class FraudInferenceServicer(InferenceServicer):
         """A version other than the one served is not found (as REST's versioned route)."""
         if not version:
             return
-        model = self._data_plane.get_model_from_registry(model_name)
+        model = self.dataplane.get_model_from_registry(model_name)
         serving = getattr(model, "serving", None)
         if serving is not None and serving.version != version:
             raise ModelNotFound(f"{model_name} version {shown(version)}")
@@ -250,12 +251,13 @@ class FraudGRPCServer(GRPCServer):
 
     def __init__(self, port, data_plane, settings, grace_period, tokens=None):
         super().__init__(port, data_plane, None, {}, grace_period)
+        self.dataplane = data_plane
         self.settings = settings
         self.tokens = tokens
 
     async def start(self, max_workers: int) -> None:
         servicer = FraudInferenceServicer(
-            self._data_plane,
+            self.dataplane,
             self.settings.max_batch_rows,
             self.settings.max_request_bytes,
         )
