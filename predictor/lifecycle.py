@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from predictor import metrics, registry, runtime
+from predictor.serving import CHAMPION, ServingSlot
 from predictor.settings import Settings
 
 logger = logging.getLogger("predictor.lifecycle")
@@ -46,9 +47,11 @@ class FailedVersion:
 
 @dataclass
 class ModelWatcher:
-    """Owns the background thread that keeps `model` serving what MODEL_URI names."""
+    """Owns the background thread that keeps `slot` serving what `model_uri` names
+    (MODEL_URI for the champion, SHADOW_MODEL_URI for the shadow)."""
 
-    model: object  # FraudModel; typed loosely to keep the import graph one-way
+    slot: ServingSlot
+    model_uri: str
     settings: Settings
     marks_ready: bool = True
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -60,7 +63,8 @@ class ModelWatcher:
         self._backoff = Backoff(cap=self.settings.model_retry_max_seconds)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="model-watcher", daemon=True)
+        name = f"{self.slot.role}-watcher"
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -72,13 +76,13 @@ class ModelWatcher:
         while not self._stop.is_set():
             delay = self.check_once()
             if delay is None:
-                logger.info("model watcher finished: %s is pinned", self.settings.model_uri)
+                logger.info("model watcher finished: %s is pinned", self.model_uri)
                 return
             self._stop.wait(delay)
 
     @property
     def _follows_alias(self) -> bool:
-        return registry.alias_of(self.settings.model_uri) is not None
+        return registry.alias_of(self.model_uri) is not None
 
     def _poll_delay(self) -> float | None:
         """After a success: when to look again, or None if there is nothing to follow."""
@@ -87,24 +91,26 @@ class ModelWatcher:
 
     def check_once(self) -> float | None:
         """One look at the registry; returns seconds until the next look (None: done)."""
-        serving = self.model.serving
+        serving = self.slot.serving
         kind = "reload" if serving is not None else "initial"
         tracking_uri = self.settings.tracking_uri
         try:
-            ref = registry.resolve(registry.connect(tracking_uri), self.settings.model_uri)
+            ref = registry.resolve(registry.connect(tracking_uri), self.model_uri)
         except Exception as error:  # any registry trouble: log it once, try again later
             delay = self._backoff.next()
             if serving is not None:
                 delay = self._poll_delay() or delay
             logger.warning(
                 "registry lookup of %s at %s failed (attempt %d): %s; next try in %.0f s",
-                self.settings.model_uri,
+                self.model_uri,
                 tracking_uri,
                 self._backoff.failures,
                 _one_line(error),
                 delay,
             )
-            metrics.MODEL_LOADS.labels(kind=kind, outcome="registry_error").inc()
+            metrics.MODEL_LOADS.labels(
+                role=self.slot.role, kind=kind, outcome="registry_error"
+            ).inc()
             return delay
 
         if serving is not None and serving.version == ref.version:
@@ -118,14 +124,14 @@ class ModelWatcher:
         if serving is not None:
             logger.info(
                 "reload started: %s now points to version %s (serving %s)",
-                self.settings.model_uri,
+                self.model_uri,
                 ref.version,
                 serving.version,
             )
         started = time.perf_counter()
         try:
             loaded = registry.load(ref, tracking_uri)
-            self.model.serve(loaded)
+            self.slot.serve(loaded)
         except Exception as error:  # a bad version must never take the server down
             failed = self._failed.setdefault(
                 ref.version, FailedVersion(Backoff(cap=self.settings.model_retry_max_seconds))
@@ -133,11 +139,11 @@ class ModelWatcher:
             delay = failed.backoff.next()
             failed.retry_at = time.monotonic() + delay
             failed.reason = _one_line(error)
-            metrics.MODEL_LOADS.labels(kind=kind, outcome="failure").inc()
+            metrics.MODEL_LOADS.labels(role=self.slot.role, kind=kind, outcome="failure").inc()
             still = f"version {serving.version} keeps serving" if serving else "nothing served yet"
             logger.error(
                 "%s failed: version %s of %s: %s; %s; retrying this version in %.0f s",
-                "reload" if serving else "load",
+                ("reload" if serving else "load") + _of_role(self.slot.role),
                 ref.version,
                 ref.name or ref.uri,
                 failed.reason,
@@ -152,8 +158,8 @@ class ModelWatcher:
         # allocates enough to trigger one.
         gc.freeze()
         metrics.MODEL_LOAD_SECONDS.observe(duration)
-        metrics.MODEL_LOADS.labels(kind=kind, outcome="success").inc()
-        if self.marks_ready:
+        metrics.MODEL_LOADS.labels(role=self.slot.role, kind=kind, outcome="success").inc()
+        if self.marks_ready and self.slot.role == CHAMPION:
             runtime.mark_ready()
         self._failed.pop(ref.version, None)
         self._backoff.reset()
@@ -165,6 +171,10 @@ class ModelWatcher:
                 duration,
             )
         return self._poll_delay()
+
+
+def _of_role(role: str) -> str:
+    return "" if role == CHAMPION else f" ({role})"
 
 
 def _one_line(error: BaseException) -> str:

@@ -27,16 +27,17 @@ from predictor.runtime import METRICS_ENV
 MODEL_INFO = Gauge(
     "fraud_model_info",
     "1 for the model version being served (by any worker), 0 for versions served before;"
-    " engine: numba (compiled trees, every batch), treelite (compiled trees for small"
-    " batches) or sklearn.",
-    ["model", "version", "alias", "run_id", "engine"],
+    " role: champion (answers) or shadow (scored beside it, never answers); engine: numba"
+    " (compiled trees, every batch), treelite (compiled trees for small batches) or sklearn.",
+    ["model", "version", "alias", "run_id", "engine", "role"],
     multiprocess_mode="max",
 )
 MODEL_LOADS = Counter(
     "fraud_model_load_attempts",
-    "Model load attempts, initial or reload: success, failure (the version failed to load or"
-    " its checks) or registry_error (the registry could not be asked).",
-    ["kind", "outcome"],
+    "Model load attempts of the champion or the shadow, initial or reload: success, failure"
+    " (the version failed to load or its checks) or registry_error (the registry could not"
+    " be asked, or the alias does not exist).",
+    ["role", "kind", "outcome"],
 )
 MODEL_LOAD_SECONDS = Histogram(
     "fraud_model_load_duration_seconds",
@@ -100,6 +101,44 @@ INVALID_OUTPUTS = Counter(
     "fraud_invalid_model_outputs",
     "Requests refused because the served version returned scores that are not probabilities.",
     ["version"],
+)
+SHADOW_SCORED = Counter(
+    "fraud_shadow_scored",
+    "Transactions the shadow version (SHADOW_MODEL_URI) scored after the champion answered.",
+)
+SHADOW_DISAGREEMENTS = Counter(
+    "fraud_shadow_disagreements",
+    "Shadow-scored transactions whose decision differs between champion and shadow, each"
+    " at its own version's threshold.",
+)
+SHADOW_NOT_SCORED = Counter(
+    "fraud_shadow_not_scored",
+    "Transactions the shadow did not score: failed (the shadow version raised or returned"
+    " no probabilities), busy (its queue was full) or loading (no shadow version yet).",
+    ["reason"],
+)
+SHADOW_DIFFERENCE = Histogram(
+    "fraud_shadow_probability_difference",
+    "|champion probability - shadow probability| per shadow-scored transaction.",
+    buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
+)
+FEATURE_DRIFT = Gauge(
+    "fraud_feature_drift_psi",
+    "Population stability index of each feature over the last DRIFT_WINDOW_ROWS scored"
+    " transactions against the served version's training profile (> 0.25: drifted).",
+    ["feature"],
+    multiprocess_mode="max",
+)
+SCORE_DRIFT = Gauge(
+    "fraud_score_drift_psi",
+    "Population stability index of the served version's fraud probabilities over the"
+    " window against its held-out training scores.",
+    multiprocess_mode="max",
+)
+DRIFT_WINDOW = Gauge(
+    "fraud_drift_window_rows",
+    "Transactions in the drift window the PSI gauges are computed over (per worker).",
+    multiprocess_mode="max",
 )
 
 

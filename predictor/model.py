@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import gc
 import logging
-import sys
-import threading
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,43 +14,20 @@ from kserve.errors import InferenceError, InvalidInput
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from predictor import codec, metrics, registry
-from predictor.engine import Scorer, build_scorer, with_native_trees
-from predictor.explain import Explainer, ExplainerUnavailable, explain_rows
+from predictor.drift import DriftWindow
+from predictor.explain import ExplainerUnavailable, explain_rows
 from predictor.features import build_features
+from predictor.followup import FollowUp
 from predictor.ledger import DecisionLog, Scored, open_decision_log
 from predictor.ledger import now as ledger_now
 from predictor.lifecycle import ModelWatcher
 from predictor.offload import INLINE_MAX_ROWS, is_small, run_sized
+from predictor.serving import CHAMPION, SHADOW, Serving, ServingSlot, checked_probabilities
 from predictor.settings import Settings
 
 logger = logging.getLogger("predictor.model")
 
 MODEL_VERSION_HEADER = "x-model-version"
-
-#: Explainers and native engines are built here, after their version is served: the first
-#: of each imports shap or numba and compiles (~0.4 and ~1 s), which readiness and
-#: predictions must not wait for.
-_explainer_builds = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explainer-build")
-_native_builds = ThreadPoolExecutor(max_workers=1, thread_name_prefix="native-build")
-#: Held for every change of the served version, so a late engine upgrade cannot bring back
-#: a version that was replaced meanwhile.
-_swaps = threading.Lock()
-
-
-@dataclass(frozen=True)
-class Serving:
-    """The estimator, the threshold it is judged by and its explainer, swapped in together."""
-
-    loaded: registry.LoadedModel
-    threshold: float
-    scorer: Scorer
-    #: This version's explainer, being built in the background; fails with
-    #: ExplainerUnavailable for a version that cannot be explained.
-    explainer: Future[Explainer]
-
-    @property
-    def version(self) -> str:
-        return self.loaded.ref.version
 
 
 @dataclass(frozen=True)
@@ -77,10 +49,13 @@ class FraudModel(Model):
     def __init__(self, name: str, settings: Settings):
         super().__init__(name, return_response_headers=True)
         self.settings = settings
-        self._serving: Serving | None = None
-        self._watcher: ModelWatcher | None = None
+        #: Per process (see __getstate__): the champion's slot, made by the first load.
+        self._champion: ServingSlot | None = None
+        self._watchers: list[ModelWatcher] = []
         #: Where decisions are recorded (per process, opened by start_watching).
         self._ledger: DecisionLog | None = None
+        #: Shadow scoring, the drift window and the ledger, after the answer.
+        self._followup: FollowUp | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """KServe pickles the model into each `--workers` process: ship config, not state.
@@ -88,34 +63,60 @@ class FraudModel(Model):
         Every worker loads and watches its own copy (see `start_watching`).
         """
         state = self.__dict__.copy()
-        state.update(_serving=None, _watcher=None, _ledger=None, ready=False)
+        state.update(_champion=None, _watchers=[], _ledger=None, _followup=None, ready=False)
         return state
 
     @property
+    def champion(self) -> ServingSlot:
+        if self._champion is None:
+            self._champion = ServingSlot(
+                CHAMPION, self.settings.decision_threshold, explains=True, on_serve=self._on_serve
+            )
+        return self._champion
+
+    @property
     def serving(self) -> Serving | None:
-        return self._serving
+        return self._champion.serving if self._champion is not None else None
+
+    def _on_serve(self, serving: Serving) -> None:
+        self.ready = True
 
     def start_watching(self, marks_ready: bool = True) -> None:
-        """Load (and keep following MODEL_URI) in the background; see predictor.lifecycle.
+        """Load (and keep following MODEL_URI, and SHADOW_MODEL_URI if set) in the
+        background; see predictor.lifecycle.
 
         `marks_ready`: record this process as a ready worker once loaded (false for the
         parent of `--workers N`, which serves gRPC only)."""
-        if self._watcher is None:
-            self._ledger = open_decision_log(self.settings)
-            if self._ledger is not None:
-                atexit.register(self._ledger.close)
-            self._watcher = ModelWatcher(self, self.settings, marks_ready=marks_ready)
-            self._watcher.start()
+        if self._watchers:
+            return
+        settings = self.settings
+        self._ledger = open_decision_log(settings)
+        shadow = None
+        if settings.shadow_model_uri is not None:
+            shadow = ServingSlot(SHADOW, None, explains=False)
+            self._watchers.append(ModelWatcher(shadow, settings.shadow_model_uri, settings, False))
+        window = DriftWindow(settings.drift_window_rows) if settings.drift_window_rows else None
+        if shadow is not None or window is not None:
+            self._followup = FollowUp(self.champion, shadow, window, self._ledger)
+        if self._ledger is not None or self._followup is not None:
+            atexit.register(self.close_ledger)
+        self._watchers.insert(
+            0, ModelWatcher(self.champion, settings.model_uri, settings, marks_ready)
+        )
+        for watcher in self._watchers:
+            watcher.start()
 
     def close_ledger(self) -> None:
         """Write every recorded decision before the process exits (idempotent): after the
         server has answered its last request."""
+        if self._followup is not None:
+            self._followup.close()
         if self._ledger is not None:
             self._ledger.close()
 
     def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.stop(timeout=0)
+        for watcher in self._watchers:
+            watcher.stop(timeout=0)
         super().stop()
 
     def load(self) -> bool:
@@ -130,75 +131,8 @@ class FraudModel(Model):
         return self.ready
 
     def serve(self, loaded: registry.LoadedModel) -> None:
-        """Make `loaded` the model that answers; one assignment, so requests never mix."""
-        threshold = self.settings.decision_threshold
-        source = "DECISION_THRESHOLD"
-        if threshold is None:
-            threshold = registry.decision_threshold(loaded.ref)
-            source = f"tag {registry.THRESHOLD_TAG}"
-        if threshold is None:
-            raise registry.ModelLoadError(
-                f"{loaded.ref.download_uri} has no {registry.THRESHOLD_TAG} tag; "
-                "set DECISION_THRESHOLD or tag the version"
-            )
-        scorer, not_compiled = build_scorer(loaded.estimator, threshold, loaded.input_example)
-        if not_compiled:
-            logger.warning(
-                "version %s is scored by scikit-learn alone: %s", loaded.ref.version, not_compiled
-            )
-        # Bound to this version before the swap, so an explanation always describes the
-        # version that scored the row; built after it, so serving never waits for shap.
-        explainer = _explainer_builds.submit(_build_explainer, loaded)
-        serving = Serving(loaded, threshold, scorer, explainer)
-        with _swaps:
-            previous, self._serving = self._serving, serving
-            self.ready = True
-            _record_engine(previous, serving)
-        _native_builds.submit(self._compile_natively, serving)
-        ref = loaded.ref
-        logger.info(
-            "model loaded: %s version %s (uri %s, run %s), threshold %.4f from %s, engine %s",
-            ref.name or "run",
-            ref.version,
-            ref.uri,
-            ref.run_id,
-            threshold,
-            source,
-            scorer.engine,
-        )
-
-    def _compile_natively(self, serving: Serving) -> None:
-        """Add the numba-compiled trees to `serving`'s scorer if it agrees with scikit-learn (in
-        the background: whatever fails here leaves the version on its engine, logged)."""
-        try:
-            self._try_native(serving)
-        except Exception:
-            logger.exception("version %s: building the native engine failed", serving.version)
-
-    def _try_native(self, serving: Serving) -> None:
-        started = time.perf_counter()
-        first = "numba" not in sys.modules
-        scorer, reason = with_native_trees(
-            serving.scorer, serving.threshold, serving.loaded.input_example
-        )
-        if first:
-            gc.freeze()  # numba's modules live as long as the process (see predictor.lifecycle)
-        if reason:
-            engine = serving.scorer.engine
-            logger.info("version %s stays on %s: %s", serving.version, engine, reason)
-            return
-        with _swaps:
-            if self._serving is not serving:
-                return  # replaced meanwhile; its successor gets its own build
-            upgraded = replace(serving, scorer=scorer)
-            self._serving = upgraded
-            _record_engine(serving, upgraded)
-        logger.info(
-            "version %s now scored by %s (built in %.2f s)",
-            serving.version,
-            scorer.engine,
-            time.perf_counter() - started,
-        )
+        """Make `loaded` the model that answers (see ServingSlot.serve)."""
+        self.champion.serve(loaded)
 
     async def preprocess(
         self, payload: dict | InferRequest, headers: dict[str, str] | None = None
@@ -231,7 +165,7 @@ class FraudModel(Model):
     ) -> dict | InferResponse:
         """Score with one version (large batches in the thread pool, their answer built
         there too), and say which version answered."""
-        serving = self._serving  # read once: the whole request is answered by this version
+        serving = self.serving  # read once: the whole request is answered by this version
         if serving is None:
             raise InferenceError("no model is loaded")
         if response_headers is not None:
@@ -240,25 +174,27 @@ class FraudModel(Model):
         return await run_sized(small, self._answer, serving, payload)
 
     def _answer(self, serving: Serving, payload: Batch) -> dict | InferResponse:
-        probabilities = _checked_probabilities(serving, payload.features)
+        probabilities = checked_probabilities(serving, payload.features)
         decisions = probabilities >= serving.threshold
         metrics.observe_scores(probabilities, decisions)
         ids = payload.decoded.answered_ids()
-        if self._ledger is not None:
-            self._ledger.record(
-                Scored(
-                    payload.decoded,
-                    ids,
-                    probabilities,
-                    decisions,
-                    ledger_now(),
-                    self.name,
-                    serving.version,
-                    serving.threshold,
-                    payload.request_id,
-                    payload.protocol,
-                )
+        if self._followup is not None or self._ledger is not None:
+            scored = Scored(
+                payload.decoded,
+                ids,
+                probabilities,
+                decisions,
+                ledger_now(),
+                self.name,
+                serving.version,
+                serving.threshold,
+                payload.request_id,
+                payload.protocol,
             )
+            if self._followup is not None:
+                self._followup.submit(scored, payload.features)
+            else:
+                self._ledger.record(scored)
         if payload.v2_request is not None:
             return codec.encode_v2(
                 payload.v2_request, self.name, probabilities, decisions, serving.version, ids
@@ -284,7 +220,7 @@ class FraudModel(Model):
     async def explain(self, payload: Batch, headers: dict[str, str] | None = None) -> dict:
         """Reason codes for every transaction, from the version that scores it (thread pool:
         exact tree SHAP costs about a millisecond per row)."""
-        serving = self._serving  # read once: scores and explanations from one version
+        serving = self.serving  # read once: scores and explanations from one version
         if serving is None:
             raise InferenceError("no model is loaded")
         rows = len(payload.features)
@@ -322,46 +258,16 @@ def _body_bytes(headers: dict[str, str] | None) -> int:
     return int(declared) if declared.isdigit() else 0
 
 
-def _record_engine(previous: Serving | None, current: Serving) -> None:
-    """fraud_model_info: 1 for what serves now, 0 for what served before."""
-    if previous is not None:
-        _model_info(previous.loaded.ref, previous.scorer.engine).set(0)
-    _model_info(current.loaded.ref, current.scorer.engine).set(1)
-
-
-def _model_info(ref: registry.ModelRef, engine: str):
-    return metrics.MODEL_INFO.labels(
-        model=ref.name or "",
-        version=ref.version,
-        alias=ref.alias or "",
-        run_id=ref.run_id or "",
-        engine=engine,
-    )
-
-
-def _checked_probabilities(serving: Serving, features: np.ndarray) -> np.ndarray:
-    """The version's fraud probabilities, refused (and counted) unless they are ones."""
-    try:
-        probabilities = serving.scorer.fraud_probability(features)
-    except Exception as error:
-        raise InferenceError(f"model version {serving.version} failed: {error}") from error
-    if not registry.are_probabilities(probabilities):
-        metrics.INVALID_OUTPUTS.labels(version=serving.version).inc()
-        raise InferenceError(
-            f"model version {serving.version} returned scores that are not probabilities "
-            "(not finite or outside [0, 1]); nothing was scored"
-        )
-    return probabilities
-
-
 def _explain(serving: Serving, batch: Batch) -> list[dict[str, Any]]:
     try:
+        if serving.explainer is None:
+            raise ExplainerUnavailable("this slot does not explain")
         explainer = serving.explainer.result()  # waits only in a process's first ~0.5 s
     except ExplainerUnavailable as error:
         raise NotImplementedError(
             f"model version {serving.version} cannot be explained: {error}"
         ) from None
-    probabilities = _checked_probabilities(serving, batch.features)
+    probabilities = checked_probabilities(serving, batch.features)
     decisions = probabilities >= serving.threshold
     rows = batch.decoded.rows()
     try:
@@ -370,23 +276,3 @@ def _explain(serving: Serving, batch: Batch) -> list[dict[str, Any]]:
         )
     except ExplainerUnavailable as error:
         raise InferenceError(f"model version {serving.version}: {error}") from None
-
-
-def _build_explainer(loaded: registry.LoadedModel) -> Explainer:
-    started = time.perf_counter()
-    first = "shap" not in sys.modules
-    try:
-        explainer = Explainer(loaded.estimator)
-    except ExplainerUnavailable as error:
-        logger.warning(
-            "version %s serves predictions but cannot be explained: %s", loaded.ref.version, error
-        )
-        raise
-    if first:
-        gc.freeze()  # shap's modules live as long as the process (see predictor.lifecycle)
-    logger.info(
-        "explainer for version %s ready in %.2f s",
-        loaded.ref.version,
-        time.perf_counter() - started,
-    )
-    return explainer

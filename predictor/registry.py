@@ -8,11 +8,12 @@ model that needs anything else is refused before any of its code can run.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from mlflow.protos.databricks_pb2 import (
     ErrorCode,
 )
 
+from predictor.drift import PROFILE_ARTIFACT, Profile
 from predictor.features import FEATURE_NAMES
 from predictor.schema import shown
 from predictor.settings import ALIAS_URI, RUN_URI, VERSION_URI
@@ -69,6 +71,10 @@ class LoadedModel:
     ref: ModelRef
     estimator: Any
     input_example: np.ndarray | None
+    #: The training profile drift is measured against (None: the version has none, or an
+    #: unreadable one; `profile_note` says which).
+    profile: Profile | None = None
+    profile_note: str = ""
 
 
 def configure_client(timeout_seconds: float) -> None:
@@ -179,7 +185,33 @@ def load(ref: ModelRef, tracking_uri: str) -> LoadedModel:
             tracking_uri=tracking_uri,
             registry_uri=tracking_uri,
         )
-        return load_local(ref, Path(local))
+        loaded = load_local(ref, Path(local))
+        profile, note = load_profile(ref, tracking_uri, Path(tmp) / "profile")
+        return replace(loaded, profile=profile, profile_note=note)
+
+
+def load_profile(ref: ModelRef, tracking_uri: str, tmp: Path) -> tuple[Profile | None, str]:
+    """The version's training profile (its run's `feature_profile.json`), or None and why.
+
+    A registry that cannot be asked raises (the load is retried); a version without a
+    profile, or with one that cannot be read, serves without drift."""
+    if ref.run_id is None:
+        return None, "the version has no run, so no training profile"
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    names = {entry.path for entry in client.list_artifacts(ref.run_id)}
+    if PROFILE_ARTIFACT not in names:
+        return None, f"its run {ref.run_id} has no {PROFILE_ARTIFACT} (trained before profiles)"
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = mlflow.artifacts.download_artifacts(
+        run_id=ref.run_id,
+        artifact_path=PROFILE_ARTIFACT,
+        dst_path=str(tmp),
+        tracking_uri=tracking_uri,
+    )
+    try:
+        return Profile.from_json(json.loads(Path(path).read_text(encoding="utf-8"))), ""
+    except (OSError, ValueError) as error:
+        return None, f"its {PROFILE_ARTIFACT} cannot be used: {error}"
 
 
 def load_local(ref: ModelRef, model_dir: Path) -> LoadedModel:

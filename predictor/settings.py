@@ -32,6 +32,16 @@ class Settings(BaseSettings):
         description="MLflow tracking/registry server. Unset: the embedded local store.",
     )
     model_uri: str = Field(default=f"models:/{DEFAULT_MODEL_NAME}@{DEFAULT_ALIAS}")
+    shadow_model_uri: str | None = Field(
+        default=None,
+        description="A second version scored beside the champion after each answer, e.g."
+        " models:/fraud-detector@challenger. Unset: no shadow.",
+    )
+    drift_window_rows: int = Field(
+        default=10_000,
+        ge=0,
+        description="Scored transactions kept for feature drift (PSI); 0 turns drift off.",
+    )
     decision_threshold: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
     max_batch_rows: int = Field(default=10_000, ge=1)
     max_explain_rows: int = Field(default=100, ge=1)
@@ -56,16 +66,17 @@ class Settings(BaseSettings):
         "auth_tokens_file",
         "decision_log_uri",
         "decision_log_spool_path",
+        "shadow_model_uri",
         mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
-    @field_validator("model_uri")
+    @field_validator("model_uri", "shadow_model_uri")
     @classmethod
-    def _model_uri_shape(cls, value: str) -> str:
-        if not any(grammar.match(value) for grammar in MODEL_URIS):
+    def _model_uri_shape(cls, value: str | None) -> str | None:
+        if value is not None and not any(grammar.match(value) for grammar in MODEL_URIS):
             raise ValueError(
                 "must look like models:/<name>@<alias>, models:/<name>/<version> "
                 "or runs:/<run_id>/<path>"

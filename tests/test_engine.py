@@ -17,7 +17,7 @@ from sklearn.preprocessing import StandardScaler
 from support import ORDINARY, SUSPICIOUS
 
 import predictor.engine as engine
-import predictor.model as model_module
+import predictor.serving as serving_module
 from predictor import registry
 from predictor.engine import (
     COMPILED_MAX_ROWS,
@@ -252,7 +252,7 @@ def test_a_late_native_build_never_brings_back_a_replaced_version(
     """Version 1's walk finishes after version 2 is served (whose own walk is refused, so
     nothing overwrites a wrongly restored version 1): version 2 keeps serving."""
     release = threading.Event()
-    original = model_module.with_native_trees
+    original = serving_module.with_native_trees
 
     def slow_for_one_refused_for_two(scorer, threshold, example, *args):
         if threshold == 0.32:
@@ -260,7 +260,7 @@ def test_a_late_native_build_never_brings_back_a_replaced_version(
         assert release.wait(30)
         return original(scorer, threshold, example, *args)
 
-    monkeypatch.setattr(model_module, "with_native_trees", slow_for_one_refused_for_two)
+    monkeypatch.setattr(serving_module, "with_native_trees", slow_for_one_refused_for_two)
     model = FraudModel("fraud", Settings())
 
     def loaded(version: str, threshold: str) -> registry.LoadedModel:
@@ -274,7 +274,7 @@ def test_a_late_native_build_never_brings_back_a_replaced_version(
         model.serve(loaded("2", "0.32"))
     finally:
         release.set()
-    model_module._native_builds.submit(lambda: None).result(60)  # both builds are done
+    model.champion.wait_for_builds(60)  # both builds are done
     assert model.serving.version == "2" and model.serving.scorer.engine == TREELITE
 
 

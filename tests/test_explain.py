@@ -182,7 +182,7 @@ def test_serving_does_not_wait_for_the_explainer_and_explain_waits_for_its_own_v
 ):
     """The explainer is built after the swap (the first build imports shap, ~0.4 s):
     predictions answer at once, an explanation waits for its version's explainer."""
-    import predictor.model as model_module
+    import predictor.serving as model_module
 
     building = threading.Event()
     release = threading.Event()

@@ -50,11 +50,13 @@ def test_threshold_tag_within_zero_and_one_is_used(tag, value):
 
 
 def failures() -> float:
-    return metrics.MODEL_LOADS.labels(kind="initial", outcome="failure")._value.get()
+    loads = metrics.MODEL_LOADS.labels(role="champion", kind="initial", outcome="failure")
+    return loads._value.get()
 
 
 def registry_errors() -> float:
-    return metrics.MODEL_LOADS.labels(kind="initial", outcome="registry_error")._value.get()
+    loads = metrics.MODEL_LOADS.labels(role="champion", kind="initial", outcome="registry_error")
+    return loads._value.get()
 
 
 def test_non_numeric_threshold_tag_is_a_failed_version_not_a_registry_error(mlflow_server, caplog):
@@ -67,7 +69,8 @@ def test_non_numeric_threshold_tag_is_a_failed_version_not_a_registry_error(mlfl
         name,
         Settings(mlflow_tracking_uri=mlflow_server.url, model_uri=f"models:/{name}@live"),
     )
-    watcher = ModelWatcher(model, model.settings, marks_ready=False)  # one look, by hand
+    # One look, by hand.
+    watcher = ModelWatcher(model.champion, model.settings.model_uri, model.settings, False)
     before_failures, before_registry = failures(), registry_errors()
     with caplog.at_level(logging.ERROR, logger="predictor.lifecycle"):
         watcher.check_once()

@@ -254,7 +254,7 @@ def test_large_requests_are_decoded_and_scored_off_the_event_loop(monkeypatch):
     import predictor.model as model_module
 
     threads: list[str] = []
-    features_of, probabilities_of = model_module.build_features, model_module._checked_probabilities
+    features_of, probabilities_of = model_module.build_features, model_module.checked_probabilities
 
     def recording(function):
         def record(*args):
@@ -264,7 +264,7 @@ def test_large_requests_are_decoded_and_scored_off_the_event_loop(monkeypatch):
         return record
 
     monkeypatch.setattr(model_module, "build_features", recording(features_of))
-    monkeypatch.setattr(model_module, "_checked_probabilities", recording(probabilities_of))
+    monkeypatch.setattr(model_module, "checked_probabilities", recording(probabilities_of))
     rng = np.random.default_rng(0)
     features = rng.random((300, len(FEATURE_NAMES)))
     estimator = HistGradientBoostingClassifier(max_iter=5).fit(features, features[:, 0] > 0.5)

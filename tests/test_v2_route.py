@@ -25,7 +25,6 @@ from kserve.protocol.rest.server import RESTServer
 from support import ORDINARY, SUSPICIOUS
 from test_hostile_input import BINARY, binary_request
 
-import predictor.model as model_module
 from predictor import codec, registry
 from predictor.engine import NUMBA
 from predictor.model import FraudModel
@@ -89,7 +88,7 @@ def model(mlflow_server, champion) -> FraudModel:
     served = FraudModel(MODEL, Settings())
     served.serve(registry.load(ref, mlflow_server.url))
     # Both apps must score with one engine: numba takes over from treelite once built.
-    model_module._native_builds.submit(lambda: None).result(60)
+    served.champion.wait_for_builds(60)
     assert served.serving.scorer.engine == NUMBA
     return served
 

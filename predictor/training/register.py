@@ -15,6 +15,7 @@ from importlib.metadata import version as package_version
 
 from predictor import registry
 from predictor.data import LABEL
+from predictor.drift import PROFILE_ARTIFACT, build_profile
 from predictor.features import feature_frame
 from predictor.settings import Settings, embedded_artifact_location
 from predictor.store import redacted
@@ -99,6 +100,10 @@ def train_and_register(
     ):
         mlflow.log_params({**params, registry.THRESHOLD_TAG: threshold})
         mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
+        # What live drift is measured against: the training split's features, and scores
+        # on held-out rows (the training rows' own scores are more confident than live ones).
+        profile = build_profile(splits.x_train, test_scores)
+        mlflow.log_dict(profile.to_json(), PROFILE_ARTIFACT)
         figures = plots(splits.y_test, test_scores, threshold)
         for filename, figure in figures.items():
             mlflow.log_figure(figure, f"plots/{filename}")
@@ -135,7 +140,7 @@ def train_and_register(
         reason=reason,
         champion_pr_auc=champion_pr_auc,
         champion_version=champion_version,
-        artifacts=[f"plots/{name}" for name in figures],
+        artifacts=[f"plots/{name}" for name in figures] + [PROFILE_ARTIFACT],
     )
 
 
