@@ -67,6 +67,9 @@ class FollowUp:
         self._window_version: str | None = None
         self._drift_dirty = False
         self._drift_at = 0.0
+        if shadow is not None:  # exported from the start, so rates see the first failure
+            for reason in ("failed", "busy", "loading"):
+                metrics.SHADOW_NOT_SCORED.labels(reason=reason)
         self._thread = threading.Thread(target=self._run, name="follow-up", daemon=True)
         self._thread.start()
 

@@ -87,7 +87,7 @@ def test_rules_pass_promtool_check(tmp_path):
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 17 rules found" in result.stdout
+    assert "SUCCESS: 20 rules found" in result.stdout
 
 
 # --------------------------------------------------------------- promtool unit tests
@@ -117,7 +117,7 @@ def counter_pair(name: str, first: str, second: str, label: str, a: str, b: str)
     return [series(name, first, **{label: a}), series(name, second, **{label: b})]
 
 
-INFO = {"model": "fraud-detector", "alias": "champion", "run_id": "r"}
+INFO = {"model": "fraud-detector", "alias": "champion", "run_id": "r", "role": "champion"}
 
 # alert -> list of (case, interval, input series, eval time, expected alert labels or [])
 CASES: dict[str, list[tuple]] = {
@@ -163,18 +163,26 @@ CASES: dict[str, list[tuple]] = {
     ],
     "FraudPredictorModelLoadFailing": [
         ("a reload failed", "1m", [series(
-            "fraud_model_load_attempts_total", "0 0 0 1 1 1 1 1", kind="reload", outcome="failure"
-        )], "5m", [{}]),
+            "fraud_model_load_attempts_total", "0 0 0 1 1 1 1 1", kind="reload", outcome="failure",
+            role="champion",
+        )], "5m", [{"role": "champion"}]),
         ("reloads succeed", "1m", [series(
-            "fraud_model_load_attempts_total", "0 0 0 1 1 1 1 1", kind="reload", outcome="success"
+            "fraud_model_load_attempts_total", "0 0 0 1 1 1 1 1", kind="reload", outcome="success",
+            role="champion",
         )], "5m", []),
     ],
     "FraudPredictorRegistryUnreachable": [
         ("a lookup fails every minute", "1m", [series(
-            "fraud_model_load_attempts_total", "0+1x30", kind="reload", outcome="registry_error"
+            "fraud_model_load_attempts_total", "0+1x30", kind="reload", outcome="registry_error",
+            role="champion",
         )], "20m", [{}]),
+        ("a shadow alias not yet set", "1m", [series(
+            "fraud_model_load_attempts_total", "0+1x30", kind="initial", outcome="registry_error",
+            role="shadow",
+        )], "20m", []),
         ("one failed lookup", "1m", [series(
-            "fraud_model_load_attempts_total", "0 0 0 1x30", kind="reload", outcome="registry_error"
+            "fraud_model_load_attempts_total", "0 0 0 1x30", kind="reload", outcome="registry_error",
+            role="champion",
         )], "20m", []),
     ],
     "FraudPredictorModelVersionChanged": [
@@ -186,6 +194,28 @@ CASES: dict[str, list[tuple]] = {
             series("fraud_model_info", "1x30 0x40", version="1", **INFO),
             series("fraud_model_info", "_x30 1x40", version="2", **INFO),
         ], "70m", []),
+    ],
+    "FraudFeatureDrift": [
+        ("amount drifted for 40 minutes", "1m", [
+            series("fraud_feature_drift_psi", "0.3x50", feature="amount"),
+            series("fraud_feature_drift_psi", "0.02x50", feature="customer_age"),
+        ], "45m", [{"feature": "amount"}]),
+        ("a 20-minute spike", "1m", [
+            series("fraud_feature_drift_psi", "0.02x10 0.4x20 0.02x20", feature="amount"),
+        ], "45m", []),
+    ],
+    "FraudScoreDrift": [
+        ("scores drifted", "1m", [series("fraud_score_drift_psi", "0.5x50")], "45m", [{}]),
+        ("scores steady", "1m", [series("fraud_score_drift_psi", "0.05x50")], "45m", []),
+    ],
+    "FraudShadowFailing": [
+        ("the shadow raises", "1m", [
+            series("fraud_shadow_not_scored_total", "0+10x40", reason="failed"),
+        ], "35m", [{}]),
+        ("only while it loads", "1m", [
+            series("fraud_shadow_not_scored_total", "0+10x40", reason="loading"),
+            series("fraud_shadow_not_scored_total", "0x40", reason="failed"),
+        ], "35m", []),
     ],
     "FraudFlagRateOutOfBand": [
         ("2 % for a day, then half", "10m", [
@@ -394,6 +424,12 @@ def test_the_rules_and_dashboard_reference_the_metrics_they_mean():
         "fraud_live_recall",
         "fraud_live_alert_rate",
         "fraud_report_last_success_timestamp_seconds",
+        "fraud_feature_drift_psi",
+        "fraud_score_drift_psi",
+        "fraud_shadow_scored_total",
+        "fraud_shadow_disagreements_total",
+        "fraud_shadow_not_scored_total",
+        "fraud_shadow_probability_difference_bucket",
     ):
         assert expected in names
 
@@ -438,7 +474,14 @@ def start_prometheus(directory: Path, scrape_configs: list[dict]) -> tuple[str, 
 def prometheus(tmp_path, mlflow_server, champion):
     """A predictor on loopback and a real Prometheus scraping it every second."""
     predictor = launch_predictor(
-        tmp_path / "predictor", env={"MLFLOW_TRACKING_URI": mlflow_server.url}
+        tmp_path / "predictor",
+        env={
+            "MLFLOW_TRACKING_URI": mlflow_server.url,
+            # The champion in shadow too, and a window the test's traffic fills: every
+            # series the rules and the dashboard read is exported.
+            "SHADOW_MODEL_URI": "models:/fraud-detector@champion",
+            "DRIFT_WINDOW_ROWS": "100",
+        },
     )
     try:
         target = predictor.url.removeprefix("http://")
@@ -494,7 +537,8 @@ def test_prometheus_scrapes_what_the_traffic_implies(prometheus):
         'sum(fraud_request_errors_total{job="fraud-predictor",status="400"})': 7,
         'sum(fraud_request_duration_seconds_count{job="fraud-predictor",protocol="http"})': 47,
         'sum(request_predict_seconds_count{job="fraud-predictor"})': 40,  # KServe's own
-        'max(fraud_model_info{job="fraud-predictor"})': 1,
+        'max(fraud_model_info{job="fraud-predictor",role="champion"})': 1,
+        'max(fraud_model_info{job="fraud-predictor",role="shadow"})': 1,
         'sum(up{job="fraud-predictor"})': 1,
     }
     deadline = time.monotonic() + 30
@@ -513,7 +557,7 @@ def test_prometheus_scrapes_what_the_traffic_implies(prometheus):
 
     groups = requests.get(f"{url}/api/v1/rules", timeout=10).json()["data"]["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
-    assert len(rules) == 17
+    assert len(rules) == 20
     assert [r["name"] for r in rules if r["health"] != "ok"] == []
     firing = {r["name"] for r in rules if r.get("state") == "firing"}
     assert "FraudPredictorDown" not in firing and "FraudPredictorHighErrorRatio" not in firing
