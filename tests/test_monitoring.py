@@ -181,8 +181,8 @@ CASES: dict[str, list[tuple]] = {
             role="shadow",
         )], "20m", []),
         ("one failed lookup", "1m", [series(
-            "fraud_model_load_attempts_total", "0 0 0 1x30", kind="reload", outcome="registry_error",
-            role="champion",
+            "fraud_model_load_attempts_total", "0 0 0 1x30", kind="reload",
+            outcome="registry_error", role="champion",
         )], "20m", []),
     ],
     "FraudPredictorModelVersionChanged": [
