@@ -22,6 +22,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -249,9 +250,63 @@ def test_images_are_set_in_one_place_per_deployable_and_pinned():
         (image,) = kustomization["images"]
         assert image["name"] == "fraud-predictor"
         assert image["newTag"] and image["newTag"] != "latest"
+        # The placeholder, until scripts/set_image.py pins a pushed image by digest.
+        assert image.get("digest") or (image["newName"], image["newTag"]) == (
+            "REGISTRY/fraud-predictor",
+            "SET-ME",
+        )
     components = ("config", "monitoring", "publish-explain")  # their images come from these
     for directory in ("manifests/base", *(f"manifests/components/{c}" for c in components)):
         assert "images" not in yaml.safe_load((ROOT / directory / "kustomization.yaml").read_text())
+
+
+def set_image(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts/set_image.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_set_image_check_refuses_the_placeholder_and_accepts_a_pinned_image(tmp_path):
+    copy_root = tmp_path / "repo"
+    shutil.copytree(ROOT / "manifests", copy_root / "manifests")
+    refused = set_image("--check", "--root", str(copy_root))
+    assert refused.returncode == 1
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == len(DEPLOYABLES)
+    for deployable, line in zip(DEPLOYABLES, lines, strict=True):
+        assert line.startswith(f"error: {deployable}: image is the placeholder"), line
+    # A tag without a digest is refused too, naming the one deployable left unpinned.
+    assert (
+        set_image("ghcr.io/acme/fraud-predictor", "3f9c2e1", "--root", str(copy_root)).returncode
+        == 0
+    )
+    digest = "sha256:" + "4b1f" * 16
+    pinned = set_image(
+        "ghcr.io/acme/fraud-predictor", "3f9c2e1", "--digest", digest, "--root", str(copy_root)
+    )
+    assert pinned.returncode == 0, pinned.stderr
+    knative = copy_root / "manifests/overlays/knative/kustomization.yaml"
+    knative.write_text(knative.read_text().replace(f"    digest: {digest}\n", ""))
+    (line,) = set_image("--check", "--root", str(copy_root)).stderr.strip().splitlines()
+    unpinned = "image ghcr.io/acme/fraud-predictor:3f9c2e1 has no digest"
+    assert line.startswith(f"error: manifests/overlays/knative: {unpinned}"), line
+    set_image(
+        "ghcr.io/acme/fraud-predictor", "3f9c2e1", "--digest", digest, "--root", str(copy_root)
+    )
+    accepted = set_image("--check", "--root", str(copy_root))
+    assert accepted.returncode == 0 and accepted.stderr == "", accepted.stderr
+    rendered = subprocess.run(
+        [kubectl(), "kustomize", str(copy_root / "manifests/fallback")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert f"image: ghcr.io/acme/fraud-predictor:3f9c2e1@{digest}" in rendered
+    assert set_image("--check", "ghcr.io/acme/x", "--root", str(copy_root)).returncode == 2
 
 
 def test_inferenceservice_modes_and_autoscaling():
