@@ -461,6 +461,51 @@ def ledger_run(
         postgres.remove()
 
 
+def shadow_run(
+    stack: Stack, tracking_uri: str, version: str, args: argparse.Namespace, payloads: list[dict]
+) -> list[str]:
+    """The cost of following up on answers: c=8 single-row throughput with neither drift
+    nor a shadow, with drift tracking (the default), and with drift and a shadow version
+    (the same version, so both score every row), in alternating rounds on live servers."""
+    plain = {"DECISION_LOG_URI": "none", "DRIFT_WINDOW_ROWS": "0"}
+    variants = {
+        "plain": plain,
+        "drift": {**plain, "DRIFT_WINDOW_ROWS": "10000"},
+        "drift+shadow": {
+            **plain,
+            "DRIFT_WINDOW_ROWS": "10000",
+            "SHADOW_MODEL_URI": f"models:/{MODEL}/{version}",
+        },
+    }
+    targets = {
+        name: start_predictor(stack, tracking_uri, 1, env)[0] for name, env in variants.items()
+    }
+    for target in targets.values():
+        settled_engine(target.base_url)
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    concurrency = max(args.concurrency)
+    for _ in range(args.ledger_rounds):
+        for name, target in targets.items():
+            result = drive(target, 1, concurrency, args.requests, payloads)
+            assert not result.failures, f"{name}: {result.failures} failed"
+            rates[name].append(result.requests_per_second)
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    shadowed = targets["drift+shadow"].base_url
+    lines = [
+        f"follow-up rows=1 c={concurrency}: "
+        + ", ".join(
+            f"{name} {medians[name]:.0f} req/s ({medians[name] / medians['plain']:.2f}x)"
+            for name in variants
+        )
+        + f" (medians of {args.ledger_rounds} alternating rounds; "
+        + "; ".join(f"{n}: {', '.join(f'{r:.0f}' for r in rates[n])}" for n in variants)
+        + ")",
+        f"shadow: {metric_sum(shadowed, 'fraud_shadow_scored_total'):.0f} transactions scored, "
+        f"{metric_sum(shadowed, 'fraud_shadow_not_scored_total'):.0f} not scored",
+    ]
+    return lines
+
+
 def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
     from predictor.training import TrainingConfig, train_and_register
 
@@ -488,6 +533,9 @@ def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
             return 0
         if args.ledger_only:
             print("\n".join(ledger_run(stack, tracking_uri, args, payloads)))
+            return 0
+        if args.shadow_only:
+            print("\n".join(shadow_run(stack, tracking_uri, trained.version, args, payloads)))
             return 0
         floors = engine_floors(tracking_uri, payloads)
         one, one_ready = start_predictor(stack, tracking_uri, workers=1)
@@ -621,7 +669,15 @@ def main(argv: list[str] | None = None) -> int:
         help="measure the decision ledger's cost only: PostgreSQL on vs off (full run only)",
     )
     parser.add_argument(
-        "--ledger-rounds", type=int, default=5, help="alternating rounds of ledger on/off"
+        "--shadow-only",
+        action="store_true",
+        help="measure drift tracking's and a shadow version's cost only (full run only)",
+    )
+    parser.add_argument(
+        "--ledger-rounds",
+        type=int,
+        default=5,
+        help="alternating rounds of the --ledger-only and --shadow-only comparisons",
     )
     args = parser.parse_args(argv)
     payloads = transaction_payloads(generate_transactions(rows=2_000, fraud_rate=0.05, seed=1))
