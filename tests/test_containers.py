@@ -1,8 +1,10 @@
-"""The image and the compose stack, built and run as users run them (podman, no Docker).
+"""The image and the compose stack, built and run as users run them.
 
-Deselected from `uv run pytest` (marker `containers`); `scripts/container_tests.sh` sets
-up podman and the base-image stand-ins, then runs `uv run pytest -m containers`. Fixed
-host ports 5000 and 8080, as the compose file publishes them.
+Deselected from `uv run pytest` (marker `containers`); `scripts/container_tests.sh` runs
+`uv run pytest -m containers`. The engine is $CONTAINER_ENGINE, else Docker when its daemon
+answers, else podman; with none the tests skip. Compose is `docker compose` or
+podman-compose, or the script $COMPOSE_UP brings the stack up. Fixed host ports 5000 and
+8080, as the compose file publishes them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,75 @@ SUSPICIOUS_ROW = as_row(SUSPICIOUS)
 ORDINARY_ROW = as_row(ORDINARY)
 COMPOSE_MLFLOW = "http://127.0.0.1:5000"
 COMPOSE_PREDICTOR = "http://127.0.0.1:8080"
+COMPOSE_PROJECT = "fraud-predictor"  # the compose file's `name:`
+
+
+@cache
+def engine() -> str | None:
+    """docker or podman: the one named by CONTAINER_ENGINE, else the first that works."""
+    chosen = os.environ.get("CONTAINER_ENGINE")
+    if chosen:
+        return chosen if shutil.which(chosen) else None
+    if shutil.which("docker"):
+        answers = subprocess.run(["docker", "info"], capture_output=True, timeout=60)
+        if answers.returncode == 0:
+            return "docker"
+    return "podman" if shutil.which("podman") else None
+
+
+def container_engine() -> str:
+    found = engine()
+    if found is None:
+        pytest.skip(
+            "no container engine: neither docker with a running daemon nor podman "
+            "(or CONTAINER_ENGINE names one that is not installed)"
+        )
+    return found
+
+
+def compose_command() -> list[str]:
+    if engine() == "docker":
+        plugin = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=60)
+        if plugin.returncode != 0:
+            pytest.skip("docker has no compose plugin (`docker compose`)")
+        return ["docker", "compose"]
+    if shutil.which("podman-compose") is None:
+        pytest.skip("podman-compose is not installed (the compose tests need it with podman)")
+    return ["podman-compose"]
+
+
+def remove(name: str) -> None:
+    stop = ["-t", "5"] if engine() == "podman" else []
+    run(container_engine(), "rm", "-f", *stop, name, check=False, timeout=60)
+
+
+def healthcheck(name: str, timeout: float = 90) -> None:
+    """The image's HEALTHCHECK passes: podman runs it on demand; Docker runs it on its own
+    schedule, so wait for the container to be reported healthy."""
+    if engine() == "podman":
+        health = run("podman", "healthcheck", "run", name, check=False)
+        assert health.returncode == 0, health.stdout + health.stderr
+        return
+    deadline = time.monotonic() + timeout
+    status = ""
+    while time.monotonic() < deadline:
+        status = run("docker", "inspect", "-f", "{{.State.Health.Status}}", name).stdout.strip()
+        if status == "healthy":
+            return
+        time.sleep(2)
+    raise AssertionError(f"{name}: health {status!r} after {timeout} s")
+
+
+def compose_container(service: str) -> str:
+    """The name of a compose service's container (naming differs between compose tools)."""
+    names = run(
+        container_engine(), "ps", "-a",
+        "--filter", f"label=com.docker.compose.project={COMPOSE_PROJECT}",
+        "--filter", f"label=com.docker.compose.service={service}",
+        "--format", "{{.Names}}",
+    ).stdout.split()  # fmt: skip
+    assert names, f"no container for compose service {service}"
+    return names[0]
 
 
 def run(*command: str, timeout: float = 600, check: bool = True, **kwargs):
@@ -53,13 +125,12 @@ def report(line: str) -> None:
 @pytest.fixture(scope="module")
 def images() -> dict[str, int]:
     """Both targets built from the Dockerfile; their sizes in bytes."""
-    if shutil.which("podman") is None:
-        pytest.fail("podman is not installed: run scripts/container_tests.sh, which sets it up")
+    tool = container_engine()
     sizes = {}
     for image, target in ((SERVING_IMAGE, "serving"), (TRAINER_IMAGE, "trainer")):
         started = time.monotonic()
-        run("podman", "build", "--target", target, "-t", image, ".", timeout=1200)
-        size = int(run("podman", "image", "inspect", "--format", "{{.Size}}", image).stdout)
+        run(tool, "build", "--target", target, "-t", image, ".", timeout=1200)
+        size = int(run(tool, "image", "inspect", "--format", "{{.Size}}", image).stdout)
         sizes[image] = size
         report(f"{image}: built in {time.monotonic() - started:.0f} s, {size / 2**20:.0f} MiB")
     return sizes
@@ -100,7 +171,7 @@ def container() -> Iterator[list[str]]:
     names: list[str] = []
     yield names
     for name in names:
-        run("podman", "rm", "-f", "-t", "5", name, check=False, timeout=60)
+        remove(name)
 
 
 def wait_ready(url: str, name: str, timeout: float) -> float:
@@ -108,7 +179,7 @@ def wait_ready(url: str, name: str, timeout: float) -> float:
     try:
         wait_for(f"{url}/v2/health/ready", timeout=timeout)
     except TimeoutError:
-        logs = run("podman", "logs", "--tail", "40", name, check=False).stdout
+        logs = run(container_engine(), "logs", "--tail", "40", name, check=False).stdout
         raise AssertionError(f"{name} not ready after {timeout} s:\n{logs}") from None
     return time.monotonic() - started
 
@@ -118,14 +189,14 @@ MLFLOW_IMAGE = "ghcr.io/mlflow/mlflow:v3.17.2"
 
 @pytest.fixture
 def network(container) -> Iterator[str]:
-    """A podman network of its own, where containers reach each other by name."""
+    """A network of its own, where containers reach each other by name."""
     name = f"fraud-e2e-{free_port()}"
-    run("podman", "network", "create", name)
+    run(container_engine(), "network", "create", name)
     yield name
     for member in list(container):  # containers first, then the network
-        run("podman", "rm", "-f", "-t", "5", member, check=False, timeout=60)
+        remove(member)
     container.clear()
-    run("podman", "network", "rm", "-f", name, check=False)
+    run(container_engine(), "network", "rm", name, check=False)
 
 
 def test_image_serves_read_only_from_a_registry_reached_by_name(images, container, network):
@@ -135,7 +206,7 @@ def test_image_serves_read_only_from_a_registry_reached_by_name(images, containe
     registry_name = f"registry-{network}"
     container.append(registry_name)
     run(
-        "podman", "run", "-d", "--name", registry_name, "--network", network,
+        container_engine(), "run", "-d", "--name", registry_name, "--network", network,
         "--network-alias", "registry", MLFLOW_IMAGE,
         "mlflow", "server", "--host=0.0.0.0", "--port=5000", "--workers=1",
         "--backend-store-uri=sqlite:////tmp/mlflow.db", "--artifacts-destination=/tmp/artifacts",
@@ -146,11 +217,13 @@ def test_image_serves_read_only_from_a_registry_reached_by_name(images, containe
         "experiments/search?max_results=1', headers={'Host': 'registry:5000'}), timeout=2)"
     )
     deadline = time.monotonic() + 120
-    while run("podman", "exec", registry_name, "python", "-c", probe, check=False).returncode:
+    while run(
+        container_engine(), "exec", registry_name, "python", "-c", probe, check=False
+    ).returncode:
         assert time.monotonic() < deadline, "MLflow never answered"
         time.sleep(1)
     trained = run(
-        "podman", "run", "--rm", "--network", network, "--read-only", "--tmpfs", "/tmp",
+        container_engine(), "run", "--rm", "--network", network, "--read-only", "--tmpfs", "/tmp",
         "-e", "MLFLOW_TRACKING_URI=http://registry:5000", TRAINER_IMAGE,
         "--rows", "5000", "--seed", "3", "--force", timeout=600,
     )  # fmt: skip
@@ -160,7 +233,7 @@ def test_image_serves_read_only_from_a_registry_reached_by_name(images, containe
     name = f"fraud-predictor-{port}"
     container.append(name)
     run(
-        "podman", "run", "-d", "--name", name, "--network", network, "--read-only",
+        container_engine(), "run", "-d", "--name", name, "--network", network, "--read-only",
         "--tmpfs", "/tmp", "-p", f"127.0.0.1:{port}:8080",
         "-e", "MLFLOW_TRACKING_URI=http://registry:5000", SERVING_IMAGE, "--enable_grpc=false",
     )  # fmt: skip
@@ -173,11 +246,12 @@ def test_image_serves_read_only_from_a_registry_reached_by_name(images, containe
         timeout=30,
     )
     assert explained.status_code == 200, explained.text
-    assert run("podman", "exec", name, "id", "-un").stdout.strip() == "predictor"
-    assert run("podman", "exec", name, "sleep", "0", check=False).returncode == 0  # preStop
-    health = run("podman", "healthcheck", "run", name, check=False)
-    assert health.returncode == 0, health.stdout + health.stderr
-    touch = run("podman", "exec", name, "touch", "/opt/venv/x", check=False)
+    assert run(container_engine(), "exec", name, "id", "-un").stdout.strip() == "predictor"
+    assert (
+        run(container_engine(), "exec", name, "sleep", "0", check=False).returncode == 0
+    )  # preStop
+    healthcheck(name)
+    touch = run(container_engine(), "exec", name, "touch", "/opt/venv/x", check=False)
     assert touch.returncode != 0  # the root filesystem really is read-only
 
 
@@ -187,10 +261,19 @@ def test_serving_image_carries_no_training_libraries(images):
         "import importlib.util as u; print([m for m in ('matplotlib', 'sqlalchemy', 'flask',"
         " 'alembic', 'pyarrow', 'docker', 'graphene', 'gunicorn') if u.find_spec(m)])"
     )
-    found = run("podman", "run", "--rm", "--entrypoint", "python", SERVING_IMAGE, "-c", probe)
+    found = run(
+        container_engine(), "run", "--rm", "--entrypoint", "python", SERVING_IMAGE, "-c", probe
+    )
     assert found.stdout.strip() == "[]"
     embedded = run(
-        "podman", "run", "--rm", "--read-only", "--tmpfs", "/tmp", SERVING_IMAGE, check=False
+        container_engine(),
+        "run",
+        "--rm",
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        SERVING_IMAGE,
+        check=False,
     )
     assert embedded.returncode == 2, embedded.stdout + embedded.stderr
     assert "set MLFLOW_TRACKING_URI" in embedded.stderr
@@ -199,21 +282,25 @@ def test_serving_image_carries_no_training_libraries(images):
 
 
 def compose(*args: str, timeout: float = 300, check: bool = True):
-    return run("podman-compose", *args, timeout=timeout, check=check)
+    return run(*compose_command(), *args, timeout=timeout, check=check)
 
 
 @pytest.fixture(scope="module")
 def compose_stack(images) -> Iterator[None]:
-    """`compose-up.sh` on the compose file as committed: mlflow healthy -> trainer exits 0
-    -> predictor started; taken down with its volumes afterwards."""
-    compose_up = os.environ.get("COMPOSE_UP", str(ROOT.parent / "shared/containers/compose-up.sh"))
-    if not Path(compose_up).exists():
-        pytest.fail(f"{compose_up} not found (set COMPOSE_UP to the shared compose-up.sh)")
+    """The compose file as committed: mlflow healthy -> trainer exits 0 -> predictor
+    started, by `compose up -d` or by the script $COMPOSE_UP (for compose tools that ignore
+    depends_on conditions); taken down with its volumes afterwards."""
+    compose_up = os.environ.get("COMPOSE_UP")
+    if compose_up and not Path(compose_up).exists():
+        pytest.fail(f"COMPOSE_UP={compose_up} not found")
     compose("down", "-v", "-t", "5", check=False)
     started = time.monotonic()
     try:
-        run("bash", compose_up, timeout=900)
-        wait_ready(COMPOSE_PREDICTOR, "fraud-predictor_predictor_1", timeout=180)
+        if compose_up:
+            run("bash", compose_up, timeout=900)
+        else:
+            compose("up", "-d", timeout=900)
+        wait_ready(COMPOSE_PREDICTOR, compose_container("predictor"), timeout=180)
         report(f"compose stack: up -> predictor ready {time.monotonic() - started:.0f} s")
         yield
     finally:
@@ -230,8 +317,7 @@ def test_compose_trains_registers_and_serves_then_follows_a_retrain_from_the_hos
     champion = client.get_model_version_by_alias("fraud-detector", "champion")
     # The trainer ran as the image's named user, so MLflow could tag the run with it.
     assert client.get_run(champion.run_id).data.tags.get("mlflow.user") == "predictor"
-    health = run("podman", "healthcheck", "run", "fraud-predictor_predictor_1", check=False)
-    assert health.returncode == 0, health.stdout + health.stderr
+    healthcheck(compose_container("predictor"))
 
     retrain = subprocess.run(
         [sys.executable, "scripts/train.py", "--rows", "5000", "--seed", "11", "--force"],
