@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,29 @@ def test_ci_runs_locked_sync_lint_and_the_readme_test_command():
     )
 
 
+def test_ci_builds_the_manual_strictly_with_the_docs_group_only():
+    docs = load(ROOT / ".github/workflows/ci.yml")["jobs"]["docs"]
+    commands = [s.get("run", "") for s in docs["steps"]]
+    assert any("--only-group docs" in c and "mkdocs build --strict" in c for c in commands)
+
+
+def test_a_job_runs_the_suite_against_the_newest_kserve_on_pull_requests_and_weekly():
+    """The kserve pin stays bounded (a new release is a reviewed change); this job runs the
+    suite on the newest release over the locked environment, without re-syncing it back."""
+    workflow = load(ROOT / ".github/workflows/ci.yml")
+    assert "pull_request" in workflow["on"] and workflow["on"]["schedule"][0]["cron"]
+    job = workflow["jobs"]["newest-kserve"]
+    assert job["name"] == "newest KServe" and not job.get("continue-on-error")
+    commands = [s.get("run", "") for s in job["steps"]]
+    upgrade = next(i for i, c in enumerate(commands) if "uv pip install --upgrade" in c)
+    assert "uv sync --frozen" in commands[upgrade] and "kserve" in commands[upgrade]
+    test = next(i for i, c in enumerate(commands) if "pytest" in c)
+    assert upgrade < test and "uv run --no-sync pytest" in commands[test]
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (kserve,) = [d for d in pyproject["project"]["dependencies"] if d.startswith("kserve")]
+    assert "<" in kserve, f"{kserve}: the locked KServe needs an upper bound"
+
+
 def test_the_smoke_tested_image_is_pushed_without_a_rebuild_and_pinned_by_digest():
     workflow = load(ROOT / ".github/workflows/image.yml")
     assert workflow["on"]["push"]["branches"] == ["main"]
@@ -132,6 +156,7 @@ def test_promote_goes_through_a_pull_request_against_the_newest_main():
     assert "steps.app.outputs.token" in checkout["with"]["token"]
     commands = " ".join(s.get("run", "") for s in promote["steps"])
     assert "scripts/set_image.py" in commands and "--digest" in commands
+    assert "scripts/set_image.py --check" in commands  # no placeholder left in a deployable
     assert "gh pr create" in commands and "gh pr merge" in commands and "--auto" in commands
     assert "push origin HEAD:main" not in commands and "git push origin main" not in commands
     assert promote["permissions"] == {"contents": "write", "pull-requests": "write"}
