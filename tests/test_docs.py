@@ -119,3 +119,15 @@ def test_the_quickstart_serves_and_tests_and_ci_runs_the_readme_test_commands():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     commands = [line.strip() for line in ci if re.match(r"^\s*(uv run pytest|bash scripts/)", line)]
     assert commands == tests
+
+
+def test_the_readme_layout_names_every_module_and_script():
+    layout = README.read_text().split("\n## Layout\n", 1)[1].split("```", 2)[1]
+    files = [*(ROOT / "predictor").glob("*.py"), *(ROOT / "predictor" / "training").glob("*.py")]
+    files += [path for path in (ROOT / "scripts").iterdir() if path.is_file()]
+    missing = [
+        str(path.relative_to(ROOT))
+        for path in files
+        if path.name != "__init__.py" and not re.search(rf"\b{re.escape(path.name)}\b", layout)
+    ]
+    assert missing == [], f"add them to the README's Layout: {missing}"
