@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         l2_regularization=args.l2_regularization,
     )
     logging.basicConfig(level=logging.WARNING)
+    # A progress bar per artifact download (the champion scored for comparison) says nothing.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         settings = load_settings()
         if args.bootstrap_embedded:

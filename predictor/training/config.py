@@ -64,8 +64,7 @@ class Splits:
 
 @contextmanager
 def step(log: Log, what: str) -> Iterator[None]:
-    """Show a long step's start and its duration."""
-    log(f"{what} ...")
+    """One line when a long step is done, with its duration."""
     started = time.perf_counter()
     yield
     log(f"{what}: done in {time.perf_counter() - started:.1f} s")

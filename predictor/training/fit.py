@@ -138,3 +138,10 @@ def plots(y_true: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
     ax.set_title(f"Confusion matrix at threshold {threshold:.3f}")
     figures["confusion_matrix.png"] = fig
     return figures
+
+
+def close_figure(figure) -> None:
+    """Free a logged figure (pyplot keeps every figure it made until closed)."""
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)

@@ -7,20 +7,31 @@ the same rows, or with `--force`. The embedded store's demo model is bootstrappe
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from importlib.metadata import version as package_version
 
 from predictor import registry
+from predictor.bootstrap import demo_target
 from predictor.data import LABEL
 from predictor.drift import PROFILE_ARTIFACT, build_profile
 from predictor.features import feature_frame
 from predictor.settings import Settings, embedded_artifact_location
 from predictor.store import redacted
 from predictor.training.config import Log, Splits, TrainingConfig, TrainingResult, step
-from predictor.training.fit import choose_threshold, evaluate, fit, load_dataset, plots, split
+from predictor.training.fit import (
+    choose_threshold,
+    close_figure,
+    evaluate,
+    fit,
+    load_dataset,
+    plots,
+    split,
+)
 
 
 def pip_requirements() -> list[str]:
@@ -107,16 +118,18 @@ def train_and_register(
         figures = plots(splits.y_test, test_scores, threshold)
         for filename, figure in figures.items():
             mlflow.log_figure(figure, f"plots/{filename}")
-        info = mlflow.sklearn.log_model(
-            model,
-            name="model",
-            signature=signature,
-            input_example=example,
-            pip_requirements=pip_requirements(),
-            serialization_format="skops",
-            skops_trusted_types=registry.TRUSTED_TYPES,
-            pyfunc_predict_fn="predict_proba",
-        )
+            close_figure(figure)
+        with _quiet_model_logging():
+            info = mlflow.sklearn.log_model(
+                model,
+                name="model",
+                signature=signature,
+                input_example=example,
+                pip_requirements=pip_requirements(),
+                serialization_format="skops",
+                skops_trusted_types=registry.TRUSTED_TYPES,
+                pyfunc_predict_fn="predict_proba",
+            )
         registered = mlflow.register_model(info.model_uri, config.model_name)
         version = str(registered.version)
         client.set_model_version_tag(
@@ -177,36 +190,15 @@ def mlflow_destination(settings: Settings) -> tuple[str, str | None]:
 
 
 def ensure_demo_model(settings: Settings, log: Log = print) -> None:
-    """Embedded store only: train and register the demo model if MODEL_URI finds nothing.
-
-    Never called for a remote registry: a server must not publish models there.
-    """
-    from mlflow.exceptions import MlflowException
-
+    """Embedded store only: train and register the demo model if MODEL_URI finds nothing
+    (see predictor.bootstrap.demo_target). Never for a remote registry: a server must not
+    publish models there."""
     if not settings.uses_embedded_store:
         raise ValueError("the demo model is only bootstrapped into the embedded store")
     tracking_uri, artifact_location = mlflow_destination(settings)
-    client = registry.connect(tracking_uri)
-    try:
-        registry.resolve(client, settings.model_uri)
-        return
-    except MlflowException as error:
-        if not registry.is_missing(error):
-            raise
-    target = registry.alias_of(settings.model_uri)
-    if target is not None and _has_model(client, target[0]):
-        # The model exists, the alias does not (yet): serve it once it is set
-        # (`fraud-models promote`), as with a remote registry; never a demo in its place.
-        log(
-            f"embedded store {settings.local_store_dir}: {target[0]} has no alias "
-            f"'{target[1]}' yet; the server waits for it"
-        )
-        return
+    target = demo_target(registry.connect(tracking_uri), settings)
     if target is None:
-        raise registry.ModelLoadError(
-            f"{settings.model_uri} is not in the embedded store at {settings.local_store_dir}; "
-            "only an alias URI (models:/<name>@<alias>) is bootstrapped with the demo model"
-        )
+        return
     name, alias = target
     log(
         f"embedded store {settings.local_store_dir} has no {settings.model_uri}: "
@@ -223,16 +215,25 @@ def ensure_demo_model(settings: Settings, log: Log = print) -> None:
         )
 
 
-def _has_model(client, name: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
+@contextmanager
+def _quiet_model_logging() -> Iterator[None]:
+    """Logging a model without MLflow's and scikit-learn's noise: the pip-version warning
+    (pip_requirements are given explicitly), the uv-project note, and the feature-names
+    warning from MLflow checking the input example (a named frame) against the model, which
+    is fitted on the plain matrix the server scores."""
+    quieted = [
+        logging.getLogger(name) for name in ("mlflow.utils.environment", "mlflow.utils.uv_utils")
+    ]
+    levels = [logger.level for logger in quieted]
+    for logger in quieted:
+        logger.setLevel(logging.ERROR)
     try:
-        client.get_registered_model(name)
-    except MlflowException as error:
-        if registry.is_missing(error):
-            return False
-        raise
-    return True
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "X has feature names", UserWarning)
+            yield
+    finally:
+        for logger, level in zip(quieted, levels, strict=True):
+            logger.setLevel(level)
 
 
 @contextmanager
