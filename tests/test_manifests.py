@@ -427,7 +427,7 @@ def admitted_ports(objects: tuple[dict, ...]) -> set[int]:
 
 
 # Namespaces as a cluster labels them (kubernetes.io/metadata.name is set by the API server);
-# the client label is the one clients' namespaces are given (docs/deployment-security.md).
+# the client label is the one clients' namespaces are given (docs/deployment.md, Security).
 CLIENT_LABEL = "fraud-predictor.example.com/client"
 NAMESPACES = {
     name: {"kubernetes.io/metadata.name": name}
@@ -683,7 +683,7 @@ def test_checkov_catches_a_privileged_container(tmp_path):
 
 # The token file (hashes and scopes, re-read when it changes) comes from one Secret, created
 # out of band, mounted as a directory: the kubelet swaps a mounted Secret's ..data link, which
-# a subPath mount never follows (docs/deployment-security.md).
+# a subPath mount never follows (docs/deployment.md, Security).
 TOKENS_SECRET = "fraud-predictor-tokens"
 TOKENS_KEY = "tokens"
 TOKENS_FILE = "/etc/fraud-predictor/tokens/tokens"
@@ -891,7 +891,7 @@ def test_networkpolicy_checks_catch_a_rule_without_from():
 # ------------------------------------------------------------------ the decision ledger
 
 # The ledger's URI (postgresql://user:password@host/db) comes from one Secret, created out of
-# band (docs/decision-ledger-operations.md), never a literal in git. Optional for the
+# band (docs/decision-ledger.md), never a literal in git. Optional for the
 # predictor (a cluster without a ledger still serves, and says it records nothing); required
 # by the fraud-report CronJob of the monitoring component, which has nothing to do without it.
 LEDGER_SECRET = "fraud-predictor-ledger"
