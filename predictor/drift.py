@@ -42,6 +42,17 @@ class Reference:
     edges: np.ndarray
     proportions: np.ndarray
 
+    def sample(self, rows: int, rng: np.random.Generator) -> np.ndarray:
+        """Values drawn like the training data: a bin by its proportion, then uniformly
+        within it (the open outer bins reach as far beyond the edges as the edges span)."""
+        if not len(self.edges):
+            return np.zeros(rows)
+        reach = max(float(self.edges[-1] - self.edges[0]), 1.0)
+        bounds = np.concatenate([[self.edges[0] - reach], self.edges, [self.edges[-1] + reach]])
+        weights = self.proportions / self.proportions.sum()
+        bins = rng.choice(len(weights), size=rows, p=weights)
+        return rng.uniform(bounds[bins], bounds[bins + 1])
+
     def psi(self, values: np.ndarray) -> float:
         live = np.bincount(
             np.searchsorted(self.edges, values, side="right"), minlength=len(self.proportions)
@@ -65,6 +76,12 @@ class Profile:
             },
             "score": _reference_json(self.score),
         }
+
+    def sample(self, rows: int, seed: int = 0) -> np.ndarray:
+        """A feature matrix drawn from the profile, feature by feature (for the engines'
+        agreement check: every bin of every feature is visited)."""
+        rng = np.random.default_rng(seed)
+        return np.column_stack([reference.sample(rows, rng) for reference in self.features])
 
     @classmethod
     def from_json(cls, document: Any) -> Profile:

@@ -11,9 +11,10 @@ leaf elimination, which tests every split against every row without a branch tha
 depends on the data (~0.2 µs per row). It is compiled in the background after the
 version serves (numba's import and compilation take ~1 s).
 
-An engine serves a version only if it agrees with scikit-learn: on the version's input
-example and on 2,000 generated transactions, every probability within 1e-9 and every
-decision at its threshold the same. Otherwise the next engine serves, and the log says
+An engine serves a version only if it agrees with scikit-learn on the agreement rows the
+caller passes (the server: the version's input example and 2,000 rows drawn from its
+training profile), every probability within 1e-9 and every decision at its threshold the
+same. Otherwise the next engine serves, and the log says
 why. The registry artifact stays what it is (skops-loaded scikit-learn): compiling reads
 the loaded trees, nothing else is loaded.
 """
@@ -100,7 +101,7 @@ def compile_trees(estimator: Any) -> Callable[[np.ndarray], np.ndarray]:
 def build_scorer(
     estimator: Any,
     threshold: float,
-    example: np.ndarray | None,
+    rows: np.ndarray,
     tolerance: float = AGREEMENT,
 ) -> tuple[Scorer, str | None]:
     """The scorer for a version, and why it is not compiled (None when it is)."""
@@ -110,7 +111,7 @@ def build_scorer(
         return Scorer(estimator), f"cannot be compiled: {type(error).__name__}: {error}"
     # Checked the way it serves: in batches the compiled path takes.
     disagreement = _disagreement(
-        compiled, estimator, threshold, example, tolerance, (COMPILED_MAX_ROWS,)
+        compiled, estimator, threshold, rows, tolerance, (COMPILED_MAX_ROWS,)
     )
     if disagreement:
         return Scorer(estimator), f"compiled trees {disagreement}"
@@ -120,7 +121,7 @@ def build_scorer(
 def with_native_trees(
     scorer: Scorer,
     threshold: float,
-    example: np.ndarray | None,
+    rows: np.ndarray,
     tolerance: float = AGREEMENT,
 ) -> tuple[Scorer, str | None]:
     """`scorer` with the numba-compiled trees added, and why not (None when it is added)."""
@@ -129,7 +130,7 @@ def with_native_trees(
     except Exception as error:  # no numba, or trees this walk does not know
         return scorer, f"cannot be compiled natively: {type(error).__name__}: {error}"
     disagreement = _disagreement(
-        native, scorer.estimator, threshold, example, tolerance, (1, MASKS_MIN_ROWS)
+        native, scorer.estimator, threshold, rows, tolerance, (1, MASKS_MIN_ROWS)
     )
     if disagreement:
         return scorer, f"native trees {disagreement}"
@@ -140,14 +141,12 @@ def _disagreement(
     candidate: Callable[[np.ndarray], np.ndarray],
     estimator: Any,
     threshold: float,
-    example: np.ndarray | None,
+    rows: np.ndarray,
     tolerance: float,
     batch_sizes: tuple[int, ...] = (),
 ) -> str | None:
-    """How `candidate` differs from scikit-learn on the example and the generated rows,
-    scored whole and in each of `batch_sizes` (None: within `tolerance` everywhere, every
-    decision the same)."""
-    rows = generated_features() if example is None else np.vstack([example, generated_features()])
+    """How `candidate` differs from scikit-learn on `rows`, scored whole and in each of
+    `batch_sizes` (None: within `tolerance` everywhere, every decision the same)."""
     expected = estimator.predict_proba(rows)[:, 1]
     for step in (len(rows), *batch_sizes):
         try:
@@ -396,14 +395,3 @@ def _leaf_elimination() -> Callable[..., np.ndarray]:
         return scores
 
     return eliminate
-
-
-@cache
-def generated_features() -> np.ndarray:
-    """2,000 realistic transactions (10 % fraud patterns) as features: the paths the trees
-    take in production, for the agreement check. Built once per process."""
-    from predictor.data import generate_transactions, to_columns
-    from predictor.features import build_features
-
-    frame = generate_transactions(rows=2_000, fraud_rate=0.1, seed=20261127)
-    return build_features(to_columns(frame))

@@ -9,6 +9,7 @@ own pools, so readiness and predictions never wait for shap's import or numba's 
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import sys
@@ -41,6 +42,8 @@ class Serving:
     #: This version's explainer, being built in the background; fails with
     #: ExplainerUnavailable for a version that cannot be explained (None: not wanted).
     explainer: Future[Explainer] | None
+    #: What its engines were checked on against scikit-learn (see agreement_rows).
+    agreement_rows: np.ndarray
 
     @property
     def version(self) -> str:
@@ -90,7 +93,8 @@ class ServingSlot:
                 f"{loaded.ref.download_uri} has no {registry.THRESHOLD_TAG} tag; "
                 "set DECISION_THRESHOLD or tag the version"
             )
-        scorer, not_compiled = build_scorer(loaded.estimator, threshold, loaded.input_example)
+        rows = agreement_rows(loaded)
+        scorer, not_compiled = build_scorer(loaded.estimator, threshold, rows)
         if not_compiled:
             logger.warning(
                 "%s version %s is scored by scikit-learn alone: %s",
@@ -103,7 +107,7 @@ class ServingSlot:
         explainer = (
             self._explainer_builds.submit(_build_explainer, loaded) if self.explains else None
         )
-        serving = Serving(loaded, threshold, scorer, explainer)
+        serving = Serving(loaded, threshold, scorer, explainer, rows)
         with self._swaps:
             previous, self._serving = self._serving, serving
             self._record_engine(previous, serving)
@@ -135,7 +139,7 @@ class ServingSlot:
         started = time.perf_counter()
         first = "numba" not in sys.modules
         scorer, reason = with_native_trees(
-            serving.scorer, serving.threshold, serving.loaded.input_example
+            serving.scorer, serving.threshold, serving.agreement_rows
         )
         if first:
             gc.freeze()  # numba's modules live as long as the process (see predictor.lifecycle)
@@ -173,6 +177,32 @@ class ServingSlot:
             engine=serving.scorer.engine,
             role=self.role,
         )
+
+
+#: Rows drawn from a version's profile for the engines' agreement check.
+AGREEMENT_ROWS = 2_000
+
+
+def agreement_rows(loaded: registry.LoadedModel) -> np.ndarray:
+    """The rows a compiled engine must score as scikit-learn does: the version's input
+    example and rows drawn from its training profile, or, for a version trained before
+    profiles, generated transactions."""
+    if loaded.profile is not None:
+        drawn = loaded.profile.sample(AGREEMENT_ROWS)
+    else:
+        drawn = _generated_rows()
+    if loaded.input_example is None:
+        return drawn
+    return np.vstack([loaded.input_example, drawn])
+
+
+@functools.cache
+def _generated_rows() -> np.ndarray:
+    from predictor.data import generate_transactions, to_columns
+    from predictor.features import build_features
+
+    frame = generate_transactions(rows=AGREEMENT_ROWS, fraud_rate=0.1, seed=20261127)
+    return build_features(to_columns(frame))
 
 
 def checked_probabilities(serving: Serving, features: np.ndarray) -> np.ndarray:

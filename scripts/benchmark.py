@@ -379,11 +379,13 @@ def engine_floors(tracking_uri: str, payloads: list[dict]) -> list[str]:
     transactions."""
     from predictor import registry
     from predictor.engine import build_scorer, with_native_trees
+    from predictor.serving import agreement_rows
 
     ref = registry.resolve(registry.connect(tracking_uri), f"models:/{MODEL}@champion")
     loaded = registry.load(ref, tracking_uri)
-    scorer, reason = build_scorer(loaded.estimator, 0.5, loaded.input_example)
-    native, native_reason = with_native_trees(scorer, 0.5, loaded.input_example)
+    rows = agreement_rows(loaded)
+    scorer, reason = build_scorer(loaded.estimator, 0.5, rows)
+    native, native_reason = with_native_trees(scorer, 0.5, rows)
     engines = {"scikit-learn": lambda f: loaded.estimator.predict_proba(f)[:, 1]}
     if scorer.compiled is not None:
         engines["treelite (compiled)"] = scorer.compiled

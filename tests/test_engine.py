@@ -4,6 +4,7 @@ treelite small batches until then, and anything else falls back to scikit-learn.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -19,6 +20,7 @@ from support import ORDINARY, SUSPICIOUS
 import predictor.engine as engine
 import predictor.serving as serving_module
 from predictor import registry
+from predictor.data import generate_transactions, to_columns
 from predictor.engine import (
     COMPILED_MAX_ROWS,
     MASKS_MAX_ROWS,
@@ -28,14 +30,21 @@ from predictor.engine import (
     TREELITE,
     build_scorer,
     compile_trees,
-    generated_features,
     native_trees,
     with_native_trees,
 )
 from predictor.features import build_features
 from predictor.model import FraudModel
 from predictor.schema import validate_rows
+from predictor.serving import agreement_rows
 from predictor.settings import Settings
+
+
+@functools.cache
+def generated_features() -> np.ndarray:
+    """2,000 realistic transactions (10 % fraud patterns) as features."""
+    frame = generate_transactions(rows=2_000, fraud_rate=0.1, seed=20261127)
+    return build_features(to_columns(frame))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +69,7 @@ def test_the_registered_model_is_compiled_and_agrees_with_scikit_learn(registere
 
 
 def test_small_batches_take_the_compiled_trees_and_large_ones_scikit_learn(registered):
-    scorer, _ = build_scorer(registered.estimator, 0.5, None)
+    scorer, _ = build_scorer(registered.estimator, 0.5, generated_features())
     compiled = compile_trees(registered.estimator)
     small = generated_features()[:COMPILED_MAX_ROWS]
     large = generated_features()[: COMPILED_MAX_ROWS + 1]
@@ -80,7 +89,7 @@ def test_a_model_treelite_cannot_compile_is_scored_by_scikit_learn():
             features, labels
         ),
     ):
-        scorer, reason = build_scorer(estimator, 0.5, None)
+        scorer, reason = build_scorer(estimator, 0.5, generated_features())
         assert scorer.engine == SKLEARN and reason.startswith("cannot be compiled")
         assert np.array_equal(
             scorer.fraud_probability(features[:3]), estimator.predict_proba(features[:3])[:, 1]
@@ -90,7 +99,7 @@ def test_a_model_treelite_cannot_compile_is_scored_by_scikit_learn():
 def test_compiled_trees_that_disagree_are_not_used(registered):
     """The agreement rule itself: with no difference allowed below zero, even identical
     probabilities fail it, and scikit-learn serves."""
-    scorer, reason = build_scorer(registered.estimator, 0.5, None, tolerance=-1.0)
+    scorer, reason = build_scorer(registered.estimator, 0.5, generated_features(), tolerance=-1.0)
     assert scorer.engine == SKLEARN
     assert "differ from scikit-learn's" in reason and "2000 rows" in reason
 
@@ -121,8 +130,10 @@ def test_the_server_reports_its_engine_and_scores_like_scikit_learn(served, regi
 
 
 def test_the_native_walk_agrees_with_scikit_learn_on_every_batch_size(registered, champion):
-    scorer, reason = build_scorer(registered.estimator, champion.threshold, None)
-    native, reason = with_native_trees(scorer, champion.threshold, registered.input_example)
+    scorer, reason = build_scorer(
+        registered.estimator, champion.threshold, agreement_rows(registered)
+    )
+    native, reason = with_native_trees(scorer, champion.threshold, agreement_rows(registered))
     assert reason is None and native.engine == NUMBA
     rows = generated_features()
     sizes = (*range(1, 2 * MASKS_MIN_ROWS + 10), COMPILED_MAX_ROWS + 1, 100, 500, len(rows))
@@ -233,15 +244,15 @@ def test_models_the_native_walk_does_not_know_keep_their_engine():
             "transforms the features",
         ),
     ):
-        scorer, _ = build_scorer(estimator, 0.5, None)
-        kept, reason = with_native_trees(scorer, 0.5, None)
+        scorer, _ = build_scorer(estimator, 0.5, generated_features())
+        kept, reason = with_native_trees(scorer, 0.5, generated_features())
         assert kept is scorer and reason.startswith("cannot be compiled natively"), reason
         assert why in reason
 
 
 def test_a_native_walk_that_disagrees_is_not_used(registered):
-    scorer, _ = build_scorer(registered.estimator, 0.5, None)
-    kept, reason = with_native_trees(scorer, 0.5, None, tolerance=-1.0)
+    scorer, _ = build_scorer(registered.estimator, 0.5, generated_features())
+    kept, reason = with_native_trees(scorer, 0.5, generated_features(), tolerance=-1.0)
     assert kept is scorer and kept.engine == TREELITE
     assert "native trees differ from scikit-learn's" in reason
 
@@ -285,8 +296,8 @@ def test_without_numba_the_version_stays_on_treelite(registered, monkeypatch: py
         raise ModuleNotFoundError("No module named 'numba'")
 
     monkeypatch.setattr(engine, "_tree_walk", no_numba)
-    scorer, _ = build_scorer(registered.estimator, 0.5, None)
-    kept, reason = with_native_trees(scorer, 0.5, None)
+    scorer, _ = build_scorer(registered.estimator, 0.5, generated_features())
+    kept, reason = with_native_trees(scorer, 0.5, generated_features())
     assert kept is scorer and kept.engine == TREELITE
     assert reason == "cannot be compiled natively: ModuleNotFoundError: No module named 'numba'"
 

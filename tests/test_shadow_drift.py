@@ -6,6 +6,7 @@ and only there."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sqlite3
 import time
@@ -77,6 +78,17 @@ def test_psi_rises_on_a_planted_shift_of_one_feature_and_stays_low_elsewhere(ref
     assert all(drifted[name] < 0.1 for name in DRIFT_FEATURES if name != "amount"), drifted
 
 
+def test_agreement_rows_drawn_from_a_profile_visit_every_bin_of_every_feature(reference):
+    rows = reference.sample(2_000)
+    assert rows.shape == (2_000, len(FEATURE_NAMES))
+    for index, feature in enumerate(reference.features):
+        visited = np.bincount(
+            np.searchsorted(feature.edges, rows[:, index], side="right"),
+            minlength=len(feature.proportions),
+        )
+        assert np.all(visited[feature.proportions >= 0.002] > 0), FEATURE_NAMES[index]
+
+
 def test_the_window_keeps_the_newest_rows_and_scores_of_the_served_version_only():
     window = DriftWindow(5)
     window.append(np.full((3, len(FEATURE_NAMES)), 1.0), np.full(3, 0.1))
@@ -123,7 +135,7 @@ def test_a_failing_shadow_changes_no_answer_and_loses_no_decision(tmp_path):
     shadow = ServingSlot(SHADOW, None, explains=False)
     shadow.serve(loaded("2", estimator))
     shadow.wait_for_builds(60)
-    shadow._serving = type(shadow.serving)(shadow.serving.loaded, 0.5, Raising(), None)
+    shadow._serving = dataclasses.replace(shadow.serving, scorer=Raising())
     ledger = DecisionLog(settings.decision_log_location, 0.05, 10_000, None)
     followup = FollowUp(shadowed.champion, shadow, DriftWindow(100), ledger)
     shadowed._followup = followup
