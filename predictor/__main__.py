@@ -32,7 +32,7 @@ import logging.config  # noqa: E402
 
 from kserve import model_server  # noqa: E402
 
-from predictor import auth, registry  # noqa: E402
+from predictor import auth, registry, seam  # noqa: E402
 from predictor.bootstrap import BootstrapError, ensure_embedded_model  # noqa: E402
 from predictor.logs import configure_logging, json_log_config  # noqa: E402
 from predictor.model import FraudModel  # noqa: E402
@@ -146,8 +146,9 @@ def serve(args: argparse.Namespace) -> int:
     if settings.log_format == "json":
         # Every logger of every process, KServe's and uvicorn's too (KServe reconfigures
         # logging from this in the server and in each worker).
-        model_server.args.log_config_file = json_log_config()
-        logging.config.dictConfig(model_server.args.log_config_file)
+        log_config = json_log_config()
+        seam.set_worker_log_config(log_config)
+        logging.config.dictConfig(log_config)
         logging.captureWarnings(True)
     try:
         ensure_embedded_model(settings)  # before the server starts, and before its workers

@@ -22,6 +22,7 @@ import orjson
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
 
+from predictor import seam
 from predictor.schema import (
     FIELD_ORDER,
     Columns,
@@ -278,7 +279,7 @@ def _tensor_values(tensor: InferInput, shape: list[int]) -> list[Any]:
     """A tensor's elements as plain Python values, whether they came as JSON data, gRPC
     contents or binary (gRPC raw contents, the REST binary extension)."""
     name = tensor.name
-    if getattr(tensor, "_raw_data", None) is not None:
+    if seam.raw_tensor_data(tensor) is not None:
         try:
             values = tensor.as_numpy().reshape(-1).tolist()
         except (ValueError, TypeError, struct.error, InvalidInput) as error:

@@ -30,7 +30,6 @@ from kserve.errors import (
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
-from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.infer_type import InferRequest
 from kserve.utils.utils import to_headers
@@ -246,14 +245,17 @@ def decode_grpc_request(request: pb.ModelInferRequest) -> InferRequest:
         raise InvalidInput(f"request could not be decoded: {one_line(error)}") from None
 
 
-class FraudGRPCServer(GRPCServer):
-    """KServe's GRPCServer, built with this server's servicer, interceptor and limits."""
+class FraudGRPCServer:
+    """In place of KServe's GRPCServer (its `start` and `stop` forked, see seam.PINNED): this
+    server's servicer, interceptors, limits and bind address."""
 
-    def __init__(self, port, data_plane, settings, grace_period, tokens=None):
-        super().__init__(port, data_plane, None, {}, grace_period)
+    def __init__(self, port: int, data_plane, settings, grace_period: int, tokens=None):
+        self.port = port
         self.dataplane = data_plane
         self.settings = settings
+        self.grace_period = grace_period
         self.tokens = tokens
+        self.server: aio.Server | None = None
 
     async def start(self, max_workers: int) -> None:
         servicer = FraudInferenceServicer(
@@ -261,7 +263,7 @@ class FraudGRPCServer(GRPCServer):
             self.settings.max_batch_rows,
             self.settings.max_request_bytes,
         )
-        self._server = aio.server(
+        self.server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
             interceptors=(
                 *([TokenInterceptor(self.tokens)] if self.tokens is not None else []),
@@ -274,10 +276,15 @@ class FraudGRPCServer(GRPCServer):
                 ("grpc.max_send_message_length", -1),
             ],
         )
-        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self.server)
         host = self.settings.bind_address
-        address = f"[{host}]:{self._port}" if ":" in host else f"{host}:{self._port}"
-        self._server.add_insecure_port(address)
+        address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        self.server.add_insecure_port(address)
         logger.info("gRPC server listening on %s", address)
-        await self._server.start()
-        await self._server.wait_for_termination()
+        await self.server.start()
+        await self.server.wait_for_termination()
+
+    async def stop(self, sig: int | None = None) -> None:
+        """Stop taking calls and let those in flight finish within the grace period."""
+        if self.server is not None:
+            await self.server.stop(grace=self.grace_period)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from datetime import UTC, datetime
+
+from predictor import seam
+from predictor.text import escaped
 
 LOGGER_NAME = "predictor"
 
@@ -47,16 +49,6 @@ class ClientErrorsInOneLine(logging.Filter):
         return True
 
 
-def escaped(text: str, limit: int = 500) -> str:
-    """Client-controlled text for a log line: control characters (and non-ASCII) escaped, so
-    a newline in a model name or datatype cannot forge a line, and cut at `limit`."""
-    text = text if len(text) <= limit else text[:limit] + "..."
-    return text.encode("ascii", "backslashreplace").decode("ascii").translate(_CONTROLS)
-
-
-_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(32), 127)}
-
-
 class DropAll(logging.Filter):
     """uvicorn's access log: a line per request costs more than scoring a transaction, and
     request counts, statuses and latencies are in the metrics. ACCESS_LOG=true keeps it."""
@@ -76,7 +68,7 @@ def quiet_kserve_logging(access_log: bool = False) -> None:
         # which the filter covers.
         access.handlers.clear()
         access.propagate = False
-    trace = logging.getLogger("kserve.trace")
+    trace = seam.kserve_trace_logger()
     if not any(isinstance(f, DropTimings) for f in trace.filters):
         trace.addFilter(DropTimings())
     kserve = logging.getLogger("kserve")
@@ -89,13 +81,7 @@ def json_log_config() -> dict:
     formatter writing JSON, and the root logger too, so with LOG_FORMAT=json every line of
     the process parses, library lines and warnings included. KServe applies it in each
     worker process (`--log_config_file` accepts a dict)."""
-    from kserve.logging import KSERVE_LOG_CONFIG
-
-    config = copy.deepcopy(KSERVE_LOG_CONFIG)
-    for name in config["formatters"]:
-        config["formatters"][name] = {"()": JsonFormatter}
-    config["root"] = {"handlers": ["kserve"], "level": "INFO"}
-    return config
+    return seam.kserve_log_config(JsonFormatter)
 
 
 def configure_logging(log_format: str = "text") -> None:

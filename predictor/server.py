@@ -14,7 +14,6 @@ process is prepared in `python -m predictor`.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import struct
 import warnings
@@ -25,8 +24,6 @@ from cloudevents.exceptions import GenericException as CloudEventError
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import FastAPIDeprecationWarning, RequestValidationError
 from fastapi.responses import JSONResponse
-from kserve import ModelServer
-from kserve import model_server as kserve_model_server
 from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER, PredictorProtocol
 from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady, ServerNotReady
 from kserve.model import BaseKServeModel, InferenceVerb
@@ -270,10 +267,10 @@ class FraudDataPlane(DataPlane):
         """The model, only if it is ready. KServe's own calls `model.load()` inline when it is
         not, on the request's event loop (gRPC inference reaches it): here only the
         background watcher loads, and requests get 503 / UNAVAILABLE until it has."""
-        model = self._model_registry.get_model(name)
+        model = self.model_registry.get_model(name)
         if model is None:
             raise ModelNotFound(name)
-        if not await self._model_registry.is_model_ready(name):
+        if not await self.model_registry.is_model_ready(name):
             raise ModelNotReady(name)
         return model
 
@@ -330,8 +327,7 @@ def install_http_edges(app: FastAPI, dataplane: FraudDataPlane) -> None:
     app.add_exception_handler(RequestValidationError, request_validation_handler)
     app.add_exception_handler(ClientDisconnect, client_disconnect_handler)
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
-    # Starlette answers `/path/` with a redirect to the Host header's `/path`: not here.
-    app.router.redirect_slashes = False
+    seam.no_slash_redirects(app)
     install_v1_routes(app, dataplane)
     install_v2_infer(app, dataplane)
     install_v2_versioned(app, dataplane)
@@ -436,7 +432,8 @@ def prepare_serving_process(dataplane: FraudDataPlane) -> None:
     seam.answer_probes(
         {"/v2/health/live": live_probe, "/v2/health/ready": dataplane.readiness_probe}
     )
-    install_http_edges(kserve_model_server.app, dataplane)
+    app = seam.kserve_app()
+    install_http_edges(app, dataplane)
     if dataplane.tokens is not None:
         dataplane.tokens.start()
     for model in dataplane.model_registry.get_models().values():
@@ -444,10 +441,10 @@ def prepare_serving_process(dataplane: FraudDataPlane) -> None:
             model.start_watching()
             # After the server's last answer (uvicorn drains requests, then the app's
             # lifespan ends): every recorded decision is written before the process exits.
-            kserve_model_server.app.router.add_event_handler("shutdown", model.close_ledger)
+            seam.on_shutdown(app, model.close_ledger)
 
 
-class FraudModelServer(ModelServer):
+class FraudModelServer(seam.HookedModelServer):
     """KServe's ModelServer with this server's gRPC server in place of KServe's own, and
     `--event-loop` honoured in a single process too."""
 
@@ -462,34 +459,27 @@ class FraudModelServer(ModelServer):
             logger.info("event loop: %s", use_event_loop(self.event_loop))
         super().start(models)
 
-    async def _serve(self) -> None:
-        for rest_server in self._rest_servers():
-            rest_server._add_middlewares = functools.partial(add_middlewares, rest_server)
+    def prepare_servers(self) -> None:
+        for rest_server in self.rest_servers():
+            seam.replace_kserve_middlewares(rest_server, add_middlewares)
             seam.configure_rest_server(rest_server, self.settings.bind_address)
         if self.serves_grpc:
-            self._grpc_server = FraudGRPCServer(
+            grpc_server = FraudGRPCServer(
                 self.grpc_port,
                 self.dataplane,
                 self.settings,
                 self.grace_period,
                 self.dataplane.tokens,
             )
-            self.servers.append(self._grpc_server.start(self.max_threads))
-        await super()._serve()
-
-    def _rest_servers(self) -> list[RESTServer]:
-        """The RESTServer `start()` made: KServe's own or, with `--workers`, its template."""
-        if self._rest_multiprocess_server is not None:
-            return [self._rest_multiprocess_server._rest_server]
-        return [self._rest_server] if self._rest_server is not None else []
+            self.serve_alongside(grpc_server, self.max_threads)
 
 
 def add_middlewares(rest_server: RESTServer, app: FastAPI) -> None:
     """KServe's middlewares minus timing_asgi's TimingMiddleware: it matches every request
     against all routes to name a timing that KServe only writes to its trace log, which
     this server drops (predictor.logs.DropTimings)."""
-    RESTServer._add_middlewares(rest_server, app)
-    app.user_middleware = [m for m in app.user_middleware if m.cls is not TimingMiddleware]
+    seam.add_kserve_middlewares(rest_server, app)
+    seam.drop_middleware(app, TimingMiddleware)
 
 
 def use_event_loop(choice: str) -> str:
@@ -515,7 +505,7 @@ def use_event_loop(choice: str) -> str:
 
 def build_server(
     model: FraudModel, settings: Settings, tokens: TokenStore | None = None, **server_args: Any
-) -> ModelServer:
+) -> FraudModelServer:
     """A ModelServer (flags as parsed by KServe) serving `model`, loaded in the background.
 
     The model is registered before it is ready, so liveness answers at once and readiness

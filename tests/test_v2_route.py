@@ -25,7 +25,7 @@ from kserve.protocol.rest.server import RESTServer
 from support import ORDINARY, SUSPICIOUS
 from test_hostile_input import BINARY, binary_request
 
-from predictor import codec, registry
+from predictor import codec, registry, seam
 from predictor.engine import NUMBA
 from predictor.model import FraudModel
 from predictor.server import FraudDataPlane, add_middlewares, install_http_edges
@@ -109,9 +109,8 @@ def build_app(model: FraudModel, ours: bool) -> FastAPI:
             not in ("infer", "versioned_infer")
         ]
     rest_server = RESTServer(app, dataplane, ModelRepositoryExtension(repository), 0)
-    add_middlewares(rest_server, app)
-    rest_server._register_endpoints(app)
-    rest_server._add_exception_handlers(app)
+    seam.replace_kserve_middlewares(rest_server, add_middlewares)
+    seam.kserve_app_parts(rest_server, app)
     return app
 
 
