@@ -423,7 +423,7 @@ def test_a_spool_left_by_a_stopped_process_is_written_by_the_next(tmp_path):
 
 
 def test_a_role_that_may_only_read_and_insert_records_on_a_migrated_ledger(postgres):
-    """docs/decision-ledger-operations.md: the owner migrates, the predictor's role needs
+    """docs/decision-ledger.md: the owner migrates, the predictor's role needs
     no CREATE once every migration is recorded."""
     database = fresh_database(postgres)
     Store(database).migrate()

@@ -837,7 +837,8 @@ def test_report_cronjob_runs_like_the_predictor_from_the_deployables_image(tmp_p
     image = pod_spec(cronjob)["containers"][0]["image"]
     kustomization = yaml.safe_load((ROOT / deployable / "kustomization.yaml").read_text())
     (entry,) = kustomization["images"]
-    assert image == f"{entry['newName']}:{entry['newTag']}"  # the deployable's images: entry
+    pinned = f"@{entry['digest']}" if "digest" in entry else ""
+    assert image == f"{entry['newName']}:{entry['newTag']}{pinned}"  # the deployable's entry
     accounts = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ServiceAccount"}
     account = accounts[pod_spec(cronjob)["serviceAccountName"]]
     assert account["automountServiceAccountToken"] is False
