@@ -398,7 +398,7 @@ def test_sqlite_ledger_writes_in_order_and_migrates_once(tmp_path):
     )
     assert [r[0] for r in rows] == [f"u-{n}" for n in range(300)]
     assert rows[0][1] == 0 and orjson.loads(rows[0][2]) == ORDINARY
-    assert store.migrate() == [] and store.schema_version() == 2
+    assert store.migrate() == [] and store.schema_version() == 3
 
 
 def test_a_spool_left_by_a_stopped_process_is_written_by_the_next(tmp_path):
@@ -439,6 +439,25 @@ def test_a_role_that_may_only_read_and_insert_records_on_a_migrated_ledger(postg
     assert log.record(scored(3))
     log.close()
     assert [row["transaction_id"] for row in decisions(database)] == ["u-0", "u-1", "u-2"]
+
+
+def test_postgresql_indexes_time_ranges_with_brin_on_a_ledger_from_any_version(postgres):
+    """Migration 3 replaces the B-tree on scored_at (costly on every insert) with BRIN,
+    also on a ledger created before it."""
+    database = fresh_database(postgres)
+    store = Store(database)
+    store.migrate()
+    with psycopg.connect(database, autocommit=True) as connection:
+        connection.execute("DELETE FROM schema_migrations WHERE version = 3")
+        connection.execute("DROP INDEX decisions_by_time")
+        connection.execute("CREATE INDEX decisions_by_time ON decisions (scored_at)")
+    assert Store(database).migrate() == [3]
+    with psycopg.connect(database) as connection:
+        (method,) = connection.execute(
+            "SELECT am.amname FROM pg_class c JOIN pg_am am ON am.oid = c.relam "
+            "WHERE c.relname = 'decisions_by_time'"
+        ).fetchone()
+    assert method == "brin"
 
 
 @pytest.mark.parametrize("count", [1, 7, 8, 500])
