@@ -12,15 +12,23 @@ import os
 import struct
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
 import numpy as np
 import orjson
+from cloudevents.exceptions import GenericException as CloudEventError
 from kserve.errors import InvalidInput
-from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
+from kserve.protocol.infer_type import (
+    InferInput,
+    InferOutput,
+    InferRequest,
+    InferResponse,
+    RequestedOutput,
+)
 
 from predictor import seam
 from predictor.schema import (
@@ -28,6 +36,7 @@ from predictor.schema import (
     Columns,
     InvalidTransactions,
     instance_location,
+    one_line,
     shown,
     shown_list,
     validate_columns,
@@ -87,11 +96,169 @@ def tensor_metadata(tensors: dict[str, str]) -> list[dict[str, Any]]:
     return [{"name": name, "datatype": dtype, "shape": [-1]} for name, dtype in tensors.items()]
 
 
-def _check_rows(count: int, where: str, max_rows: int) -> None:
+# ------------------------------------------------------------------------------ rules
+# One function per rule, used by every door: V1 and V2 JSON, the binary extension
+# (predictor.binary_extension, before KServe decodes it) and gRPC (predictor.grpc_server).
+
+#: Bytes per element of the fixed-size datatypes a client may send (BYTES is length-prefixed).
+ELEMENT_BYTES = {
+    "BOOL": 1,
+    "INT8": 1,
+    "UINT8": 1,
+    "INT16": 2,
+    "UINT16": 2,
+    "FP16": 2,
+    "INT32": 4,
+    "UINT32": 4,
+    "FP32": 4,
+    "INT64": 8,
+    "UINT64": 8,
+    "FP64": 8,
+}
+_LENGTH_PREFIX = struct.Struct("<I")
+
+
+def rows_exceed(
+    rows: int, limit: int, setting: str = "MAX_BATCH_ROWS", name: str = "the limit"
+) -> str:
+    """The one wording of a batch over a row limit: `12 rows exceed the limit of 10
+    (MAX_BATCH_ROWS)`."""
+    return f"{rows} rows exceed {name} of {limit} ({setting})"
+
+
+def check_row_limit(rows: int, where: str, max_rows: int) -> None:
+    """At most `max_rows` rows (checked on a declared shape before any data is decoded)."""
+    if rows > max_rows:
+        raise InvalidInput(f"{where}: {rows_exceed(rows, max_rows)}")
+
+
+def check_rows(count: int, where: str, max_rows: int) -> None:
+    """A batch holds between one and `max_rows` transactions."""
     if count == 0:
         raise InvalidInput(f"{where}: must hold at least one transaction")
-    if count > max_rows:
-        raise InvalidInput(f"{where}: {count} rows exceed the limit of {max_rows} (MAX_BATCH_ROWS)")
+    check_row_limit(count, where, max_rows)
+
+
+def check_tensor_count(count: int, where: str = "inputs") -> None:
+    """No more tensors than the model takes (checked before anything looks at each one)."""
+    if count > len(V2_ACCEPTED_INPUTS):
+        raise InvalidInput(
+            f"{where}: {count} tensors; expected the {len(V2_INPUTS)} {list(V2_INPUTS)} "
+            f"and optionally {list(V2_OPTIONAL_INPUTS)}"
+        )
+
+
+def check_tensor_names(names: Sequence[Any], where: str = "inputs") -> None:
+    """Every tensor is one the model takes, and none comes twice."""
+    unknown = sorted(
+        {name if isinstance(name, str) else repr(name) for name in names} - set(V2_ACCEPTED_INPUTS)
+    )
+    if unknown:
+        raise InvalidInput(
+            f"{where}: unknown tensor(s) {shown_list(unknown)}; expected {list(V2_INPUTS)}"
+            f" and optionally {list(V2_OPTIONAL_INPUTS)}"
+        )
+    if repeated := duplicates(names):
+        raise InvalidInput(f"{where}: duplicate tensor(s) {repeated}")
+
+
+def check_tensor_datatype(name: str, datatype: Any, where: str) -> None:
+    """A tensor's datatype is the one its metadata gives (for a name check_tensor_names
+    accepted)."""
+    expected = V2_ACCEPTED_INPUTS[name]
+    if datatype != expected:
+        raise InvalidInput(f"{where}: datatype must be {expected}, got {shown(datatype)}")
+
+
+def check_tensor_shape(shape: Any, where: str) -> int:
+    """A tensor's shape is [n] with n a count: n, the rows it declares."""
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 1
+        or not isinstance(shape[0], int)
+        or isinstance(shape[0], bool)
+        or shape[0] < 0
+    ):
+        raise InvalidInput(f"{where}: shape must be [n], got {shown(shape)}")
+    return shape[0]
+
+
+def check_binary_size(rows: int, datatype: str, size: int, where: str) -> None:
+    """Binary data of a fixed-size datatype holds exactly `rows` elements."""
+    width = ELEMENT_BYTES.get(datatype)
+    if width is not None and size != rows * width:
+        raise InvalidInput(
+            f"{where}: shape [{rows}] of {datatype} needs {rows * width} bytes of binary data, "
+            f"got {size}"
+        )
+
+
+def check_length_prefixes(data: bytes, offset: int, size: int, rows: int, where: str) -> None:
+    """BYTES binary data (`size` bytes of `data` from `offset`) is `rows` elements, each a
+    4-byte little-endian length and that many bytes of UTF-8 text (every BYTES field here
+    is text)."""
+    end = offset + size
+    position = offset
+    for element in range(rows):
+        if position + 4 > end:
+            raise InvalidInput(f"{where}: element {element} has no complete length prefix")
+        (length,) = _LENGTH_PREFIX.unpack_from(data, position)
+        position += 4 + length
+        if position > end:
+            raise InvalidInput(f"{where}: element {element} runs past its binary data")
+        try:
+            data[position - length : position].decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInput(f"{where}: element {element} is not UTF-8 text") from None
+    if position != end:
+        raise InvalidInput(f"{where}: {end - position} bytes left over after {rows} BYTES elements")
+
+
+def check_requested_outputs(outputs: Sequence[RequestedOutput] | None) -> None:
+    """Requested outputs are outputs the model has, each once, and `binary_data` (where
+    given) is true or false."""
+    if not outputs:
+        return
+    names = [output.name for output in outputs]
+    unknown = [name for name in names if name not in V2_OUTPUTS]
+    if unknown:
+        raise InvalidInput(
+            f"outputs: unknown output(s) {shown_list(unknown)}; expected {list(V2_OUTPUTS)}"
+        )
+    if repeated := duplicates(names):
+        raise InvalidInput(f"outputs: duplicate output(s) {repeated}")
+    for output in outputs:
+        binary = (output.parameters or {}).get("binary_data")
+        if binary is not None and not isinstance(binary, bool):
+            raise InvalidInput(
+                f"outputs: {output.name!r}: parameters.binary_data must be true or false, "
+                f"got {shown(binary)}"
+            )
+
+
+#: What KServe's and cloudevents' decoders raise on malformed input (never on this
+#: server's bugs: no model is called while decoding).
+DECODING_ERRORS = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    struct.error,
+    CloudEventError,
+)
+
+
+@contextmanager
+def client_decoding() -> Iterator[None]:
+    """Decoding a client's request: a decoder's failure on malformed input is a 400 /
+    INVALID_ARGUMENT naming it."""
+    try:
+        yield
+    except InvalidInput:
+        raise
+    except DECODING_ERRORS as error:
+        raise InvalidInput(f"request could not be decoded: {one_line(error)}") from None
 
 
 @dataclass(frozen=True)
@@ -167,7 +334,7 @@ def decode_v1(body: Any, max_rows: int) -> Decoded:
     instances = body["instances"]
     if not isinstance(instances, list):
         raise InvalidInput("instances: must be a list of transactions")
-    _check_rows(len(instances), "instances", max_rows)
+    check_rows(len(instances), "instances", max_rows)
     rows: list[Any] = []
     ids: list[Any] | None = None
     for index, instance in enumerate(instances):
@@ -228,44 +395,31 @@ def decode_v2(request: InferRequest, max_rows: int) -> Decoded:
     """One tensor per field, datatype and shape [n] as in the metadata -> transactions."""
     inputs = request.inputs or []
     names = [tensor.name for tensor in inputs]
-    unknown = sorted(set(names) - set(V2_ACCEPTED_INPUTS), key=str)
-    if unknown:
-        raise InvalidInput(
-            f"inputs: unknown tensor(s) {shown_list(unknown)}; expected {list(V2_INPUTS)}"
-            f" and optionally {list(V2_OPTIONAL_INPUTS)}"
-        )
-    if repeated := duplicates(names):
-        raise InvalidInput(f"inputs: duplicate tensor(s) {repeated}")
+    check_tensor_names(names)
     missing = [name for name in V2_INPUTS if name not in names]
     if missing:
         raise InvalidInput(f"inputs: missing tensor(s) {missing}")
+    check_requested_outputs(request.request_outputs)
     columns: dict[str, Sequence[Any]] = {}
     length: int | None = None
     for tensor in inputs:
-        expected = V2_ACCEPTED_INPUTS[tensor.name]
-        if tensor.datatype != expected:
-            raise InvalidInput(
-                f"input {tensor.name!r}: datatype must be {expected}, got {shown(tensor.datatype)}"
-            )
+        where = f"input {tensor.name!r}"
+        check_tensor_datatype(tensor.name, tensor.datatype, where)
         shape = list(tensor.shape or [])
-        if len(shape) != 1 or not isinstance(shape[0], int) or shape[0] < 0:
-            raise InvalidInput(f"input {tensor.name!r}: shape must be [n], got {shown(shape)}")
-        if shape[0] > max_rows:  # refuse before decoding any data
-            _check_rows(shape[0], f"input {tensor.name!r}", max_rows)
+        rows = check_tensor_shape(shape, where)
+        check_row_limit(rows, where, max_rows)  # before decoding any data
         values = _tensor_values(tensor, shape)
-        if len(values) != shape[0]:
-            raise InvalidInput(
-                f"input {tensor.name!r}: shape {shape} but {len(values)} data elements"
-            )
+        if len(values) != rows:
+            raise InvalidInput(f"{where}: shape {shape} but {len(values)} data elements")
         if length is None:
-            length = shape[0]
-        elif shape[0] != length:
+            length = rows
+        elif rows != length:
             raise InvalidInput(
-                f"inputs: all tensors need the same length; {tensor.name!r} has {shape[0]}, "
+                f"inputs: all tensors need the same length; {tensor.name!r} has {rows}, "
                 f"{inputs[0].name!r} has {length}"
             )
         columns[tensor.name] = values
-    _check_rows(length or 0, "inputs", max_rows)
+    check_rows(length or 0, "inputs", max_rows)
     ids = columns.pop(TRANSACTION_ID, None)
     try:
         if ids is not None:
@@ -327,17 +481,40 @@ def encode_v2(
     version: str,
     ids: list[str],
 ) -> InferResponse:
+    """The V2 answer: every output, or those the request lists in `outputs`, in its order
+    (check_requested_outputs has refused unknown names). Over REST, each requested
+    output's `parameters.binary_data` says whether it comes as binary data; where it is not
+    given, the request's `binary_data_output` does."""
     rows = len(probabilities)
+    data = {
+        "fraud_probability": probabilities.tolist,
+        "is_fraud": decisions.tolist,
+        TRANSACTION_ID: lambda: ids,
+    }
+    requested = request.request_outputs or []
+    names = [output.name for output in requested] or list(V2_OUTPUTS)
+    binary = request.use_binary_outputs
     return InferResponse(
         response_id=request.id or str(uuid.uuid4()),
         model_name=model_name,
         model_version=version,
         # gRPC requests with raw inputs get raw outputs, as Triton answers (tritonclient's
         # as_numpy reads only those); REST, when `binary_data_output` asks for them.
-        use_binary_outputs=request.use_binary_outputs,
-        infer_outputs=[
-            InferOutput("fraud_probability", [rows], "FP64", probabilities.tolist()),
-            InferOutput("is_fraud", [rows], "BOOL", decisions.tolist()),
-            InferOutput(TRANSACTION_ID, [rows], "BYTES", ids),
-        ],
+        use_binary_outputs=binary,
+        infer_outputs=[InferOutput(name, [rows], V2_OUTPUTS[name], data[name]()) for name in names],
+        # KServe's REST encoding reads binary_data from each requested output (absent:
+        # not binary, whatever binary_data_output says): given here for every one.
+        requested_outputs=[
+            RequestedOutput(
+                output.name,
+                {**(output.parameters or {}), "binary_data": _binary_data(output, binary)},
+            )
+            for output in requested
+        ]
+        or None,
     )
+
+
+def _binary_data(output: RequestedOutput, default: bool) -> bool:
+    given = (output.parameters or {}).get("binary_data")
+    return default if given is None else given

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import logging
-import struct
 import time
 from concurrent import futures
 
@@ -36,8 +35,7 @@ from kserve.utils.utils import to_headers
 
 from predictor import codec, metrics, offload
 from predictor.auth import Access, Denied, TokenStore, grpc_access
-from predictor.binary_extension import ELEMENT_BYTES
-from predictor.schema import one_line, shown
+from predictor.schema import shown
 from predictor.text import error_text, escaped
 
 logger = logging.getLogger("predictor.grpc")
@@ -210,39 +208,27 @@ class FraudInferenceServicer(InferenceServicer):
 
 
 def check_grpc_request(request: pb.ModelInferRequest, max_rows: int) -> None:
-    """Shapes [n] with n <= max_rows, and raw contents of the size their shape implies."""
-    if len(request.inputs) > len(codec.V2_ACCEPTED_INPUTS):
-        raise InvalidInput(
-            f"inputs: {len(request.inputs)} tensors; expected the {len(codec.V2_INPUTS)} "
-            f"{list(codec.V2_INPUTS)} and optionally {list(codec.V2_OPTIONAL_INPUTS)}"
-        )
+    """The tensors the model takes, shapes [n] with n <= max_rows, and raw contents of the
+    size their shape implies: before anything is decoded."""
+    codec.check_tensor_count(len(request.inputs))
+    codec.check_tensor_names([tensor.name for tensor in request.inputs])
     for index, tensor in enumerate(request.inputs):
-        shape = list(tensor.shape)
-        where = f"input {shown(tensor.name)}"
-        if len(shape) != 1 or shape[0] < 0:
-            raise InvalidInput(f"{where}: shape must be [n], got {shape}")
-        if shape[0] > max_rows:
-            raise InvalidInput(
-                f"{where}: {shape[0]} rows exceed the limit of {max_rows} (MAX_BATCH_ROWS)"
-            )
+        where = f"input {tensor.name!r}"
+        codec.check_tensor_datatype(tensor.name, tensor.datatype, where)
+        rows = codec.check_tensor_shape(list(tensor.shape), where)
+        codec.check_row_limit(rows, where, max_rows)
         if index < len(request.raw_input_contents):
-            width = ELEMENT_BYTES.get(tensor.datatype)
-            size = len(request.raw_input_contents[index])
-            if width is not None and size != shape[0] * width:
-                raise InvalidInput(
-                    f"{where}: shape {shape} of {shown(tensor.datatype)} needs "
-                    f"{shape[0] * width} bytes of raw contents, got {size}"
-                )
+            raw = request.raw_input_contents[index]
+            if tensor.datatype == "BYTES":
+                codec.check_length_prefixes(raw, 0, len(raw), rows, where)
+            else:
+                codec.check_binary_size(rows, tensor.datatype, len(raw), where)
 
 
 def decode_grpc_request(request: pb.ModelInferRequest) -> InferRequest:
     """KServe's decoding, its failures on malformed contents turned into InvalidInput."""
-    try:
+    with codec.client_decoding():
         return InferRequest.from_grpc(request)
-    except InvalidInput:
-        raise
-    except (ValueError, TypeError, KeyError, IndexError, struct.error) as error:
-        raise InvalidInput(f"request could not be decoded: {one_line(error)}") from None
 
 
 class FraudGRPCServer:

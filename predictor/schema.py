@@ -26,6 +26,8 @@ from pydantic import (
 )
 from typing_extensions import TypedDict
 
+from predictor.text import escaped
+
 #: Merchant categories the model knows. Anything else is accepted and scored as "other".
 KNOWN_MERCHANT_CATEGORIES: tuple[str, ...] = (
     "grocery",
@@ -156,12 +158,13 @@ Locate = Callable[[tuple[int | str, ...]], str]
 
 
 def shown(value: Any, limit: int = 40) -> str:
-    """Client text in an error message or log line: repr-escaped (no raw newlines or control
-    characters) and truncated, so a hostile body cannot flood or forge either."""
+    """Client text in an error message or log line: cut at `limit` characters, quoted when
+    it is text, and escaped onto one line (predictor.text.escaped), so a hostile body can
+    neither flood nor forge either."""
     text = value if isinstance(value, str) else repr(value)
     if len(text) > limit:
         text = text[:limit] + "..."
-    return repr(text) if isinstance(value, str) else text.encode("unicode_escape").decode()
+    return escaped(repr(text) if isinstance(value, str) else text, limit=8 * limit)
 
 
 def one_line(error: BaseException, limit: int = 200) -> str:

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 import warnings
 from typing import Any
 
 import orjson
-from cloudevents.exceptions import GenericException as CloudEventError
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import FastAPIDeprecationWarning, RequestValidationError
 from fastapi.responses import JSONResponse
@@ -49,7 +47,7 @@ from predictor.edges import (
 from predictor.grpc_server import FraudGRPCServer
 from predictor.logs import configure_logging, quiet_kserve_logging
 from predictor.model import MODEL_VERSION_HEADER, FraudModel
-from predictor.schema import describe_errors, one_line, shown, shown_list
+from predictor.schema import describe_errors, shown
 from predictor.settings import Settings
 from predictor.text import error_body
 
@@ -184,32 +182,13 @@ def parse_v2_json(body: bytes) -> InferenceRequest:
         raise InvalidInput(f"request body is not valid JSON ({error})") from None
     inputs = parsed.get("inputs") if isinstance(parsed, dict) else None
     if isinstance(inputs, list) and len(inputs) > len(codec.V2_ACCEPTED_INPUTS):
-        names = [t.get("name") if isinstance(t, dict) else t for t in inputs]
-        unknown = [name for name in names if name not in codec.V2_ACCEPTED_INPUTS]
-        if unknown:
-            raise InvalidInput(
-                f"inputs: unknown tensor(s) {shown_list(unknown)}; expected {list(codec.V2_INPUTS)}"
-            )
-        raise InvalidInput(f"inputs: duplicate tensor(s) {codec.duplicates(names)}")
+        codec.check_tensor_names([t.get("name") if isinstance(t, dict) else t for t in inputs])
     try:
         return InferenceRequest.model_validate(parsed)
     except ValidationError as error:
         raise InvalidInput(
             describe_errors(error.errors(include_url=False), body_location)
         ) from None
-
-
-#: What KServe's and cloudevents' decoders raise on malformed input (never on our own bugs:
-#: the model is not called while decoding).
-DECODING_ERRORS = (
-    ValueError,
-    TypeError,
-    KeyError,
-    IndexError,
-    AttributeError,
-    struct.error,
-    CloudEventError,
-)
 
 
 class FraudDataPlane(DataPlane):
@@ -234,9 +213,7 @@ class FraudDataPlane(DataPlane):
         """A V2 REST body (JSON or binary extension) as KServe's InferRequest, or 400."""
         json_length = headers.get(INFERENCE_CONTENT_LENGTH_HEADER)
         if json_length is not None:
-            check_binary_request(
-                body, json_length, codec.V2_ACCEPTED_INPUTS, self.settings.max_batch_rows
-            )
+            check_binary_request(body, json_length, self.settings.max_batch_rows)
             request_body: bytes | InferenceRequest = body
         else:
             request_body = parse_v2_json(body)
@@ -251,12 +228,8 @@ class FraudDataPlane(DataPlane):
     def decode(self, body: Any, headers: Any, *args: Any, **kwargs: Any) -> tuple[Any, dict]:
         """KServe's decoding (V1 JSON, CloudEvents, V2) with its crashes on malformed input
         (empty CloudEvent bodies, bad binary parts) turned into 400s naming the problem."""
-        try:
+        with codec.client_decoding():
             return super().decode(body, headers, *args, **kwargs)
-        except InvalidInput:
-            raise
-        except DECODING_ERRORS as error:
-            raise InvalidInput(f"request could not be decoded: {one_line(error)}") from None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickled in a spawned KServe worker process: make this process ready to serve."""
@@ -405,15 +378,33 @@ def install_v2_versioned(app: FastAPI, dataplane: FraudDataPlane) -> None:
 
 
 def install_v1_routes(app: FastAPI, dataplane: FraudDataPlane) -> None:
-    """This server's V1 `:predict` and `:explain`, in place of KServe's."""
+    """This server's V1 `:predict` and `:explain`, in place of KServe's; any other method
+    on them is 405 (KServe's `GET /v1/models/{name}` would take `<name>:predict` for a
+    model's name)."""
     for verb in ("predict", "explain"):
+        path = f"/v1/models/{{model_name}}:{verb}"
         app.add_api_route(
-            f"/v1/models/{{model_name}}:{verb}",
-            v1_endpoint(dataplane, verb),
-            methods=["POST"],
-            response_model=None,
-            tags=["V1"],
+            path, v1_endpoint(dataplane, verb), methods=["POST"], response_model=None, tags=["V1"]
         )
+        app.add_api_route(path, verb_needs_post(verb), methods=NOT_POST, include_in_schema=False)
+
+
+#: Methods a V1 verb refuses with 405.
+NOT_POST = ["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+def verb_needs_post(verb: str):
+    """405 naming the route, not a model: `:predict` and `:explain` take POST only."""
+
+    async def refuse(request: Request) -> JSONResponse:
+        return JSONResponse(
+            status_code=405,
+            content={"error": f"{request.method} is not allowed on :{verb}: use POST"},
+            headers={"allow": "POST"},
+        )
+
+    refuse.__name__ = f"{verb}_needs_post"
+    return refuse
 
 
 def live_probe() -> tuple[int, bytes]:

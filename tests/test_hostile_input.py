@@ -174,7 +174,7 @@ BINARY = {
     "ten inputs": (
         *binary_request(edit=lambda h, r: h["inputs"].extend([dict(h["inputs"][0])] * 2)),
         400,
-        "10 tensors; expected the 9",
+        "10 tensors; expected the 8",
     ),
     "size is a string": (
         *binary_request(edit=edit_input("amount", parameters={"binary_data_size": "8"})),
@@ -193,7 +193,7 @@ BINARY = {
     "bytes element past its size": (
         *binary_request(edit=edit_raw("timestamp", b"\xff\x00\x00\x00abc")),
         400,
-        "runs past binary_data_size",
+        "runs past its binary data",
     ),
     "trailing garbage": (*binary_request(trailer=b"\x00" * 5), 400, "the body carries"),
     "size past the body": (

@@ -8,8 +8,10 @@ import subprocess
 import sys
 import threading
 
+import grpc
 import mlflow
 import numpy as np
+import orjson
 import pytest
 import requests
 from kserve import (
@@ -19,9 +21,11 @@ from kserve import (
     InferRequest,
     RESTConfig,
 )
+from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 from sklearn.ensemble import HistGradientBoostingClassifier
 from support import ORDINARY as GOOD
-from support import ROOT, free_port
+from support import ROOT, SUSPICIOUS, free_port
+from test_hostile_input import binary_request, grpc_request
 
 from predictor import registry
 from predictor.codec import V2_INPUTS, v2_request_body
@@ -521,3 +525,122 @@ def test_inherited_flags_the_server_would_ignore_stop_the_start(tmp_path, args, 
     )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+# ------------------------------------------------------ Open Inference Protocol conformance
+
+
+def names(outputs) -> list[str]:
+    return [output["name"] if isinstance(output, dict) else output.name for output in outputs]
+
+
+def with_outputs(*requested: dict) -> dict:
+    return {**v2_body([GOOD, SUSPICIOUS], "outputs"), "outputs": list(requested)}
+
+
+def binary_answer(response: requests.Response) -> tuple[dict, bytes]:
+    length = int(response.headers["inference-header-content-length"])
+    return orjson.loads(response.content[:length]), response.content[length:]
+
+
+def test_requested_outputs_come_alone_and_in_order_on_every_door(
+    start_predictor, mlflow_server, champion
+):
+    grpc_port = free_port()
+    predictor = start_predictor(
+        env={"MLFLOW_TRACKING_URI": mlflow_server.url},
+        args=["--enable_grpc", "true", "--grpc_port", str(grpc_port)],
+    )
+    every = requests.post(v2_url(predictor), json=v2_body([GOOD, SUSPICIOUS]), timeout=30).json()
+    assert names(every["outputs"]) == ["fraud_probability", "is_fraud", "transaction_id"]
+    scores = every["outputs"][0]["data"]
+
+    # REST JSON: only the outputs asked for, in the order asked.
+    body = with_outputs({"name": "is_fraud"}, {"name": "fraud_probability"})
+    answer = requests.post(v2_url(predictor), json=body, timeout=30).json()
+    assert names(answer["outputs"]) == ["is_fraud", "fraud_probability"]
+    assert answer["outputs"][1]["data"] == pytest.approx(scores, abs=1e-12)
+
+    # Binary extension: each output's binary_data is honoured ...
+    content, headers = binary_request(
+        [GOOD, SUSPICIOUS],
+        edit=lambda header, raw: header.update(
+            outputs=[
+                {"name": "transaction_id", "parameters": {"binary_data": False}},
+                {"name": "fraud_probability", "parameters": {"binary_data": True}},
+            ]
+        ),
+    )
+    head, raw = binary_answer(requests.post(v2_url(predictor), data=content, headers=headers))
+    assert names(head["outputs"]) == ["transaction_id", "fraud_probability"]
+    assert len(head["outputs"][0]["data"]) == 2 and "data" not in head["outputs"][1]
+    assert head["outputs"][1]["parameters"] == {"binary_data_size": 16}
+    np.testing.assert_allclose(np.frombuffer(raw, "<f8"), scores, atol=1e-12)
+    # ... and where an output does not say, the request's binary_data_output does.
+    body = {
+        **with_outputs({"name": "fraud_probability"}, {"name": "is_fraud"}),
+        "parameters": {"binary_data_output": True},
+    }
+    body["outputs"][1]["parameters"] = {"binary_data": False}
+    head, raw = binary_answer(requests.post(v2_url(predictor), json=body, timeout=30))
+    assert "data" not in head["outputs"][0] and head["outputs"][1]["data"] == [False, True]
+    assert len(raw) == 16
+
+    # gRPC: the same selection and order.
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        request = grpc_request([GOOD, SUSPICIOUS])
+        request.outputs.add(name="transaction_id")
+        request.outputs.add(name="is_fraud")
+        response = stub.ModelInfer(request, timeout=30)
+        assert names(response.outputs) == ["transaction_id", "is_fraud"]
+        assert list(response.outputs[1].contents.bool_contents) == [False, True]
+
+        request = grpc_request([GOOD])
+        request.outputs.add(name="fraud_score\nforged")
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "unknown output(s) ['fraud_score\\nforged']" in refused.value.details()
+
+    # An unknown output name is the client's mistake, named.
+    body = with_outputs({"name": "fraud_probability"}, {"name": "fraud_score"})
+    response = requests.post(v2_url(predictor), json=body, timeout=30)
+    assert response.status_code == 400
+    assert "outputs: unknown output(s) ['fraud_score']" in response.json()["error"]
+    content, headers = binary_request(
+        edit=lambda header, raw: header.update(outputs=[{"name": "score"}])
+    )
+    response = requests.post(v2_url(predictor), data=content, headers=headers, timeout=30)
+    assert response.status_code == 400 and "'score'" in response.json()["error"]
+
+
+def test_versioned_metadata_and_readiness_answer_for_the_served_version_only(served, champion):
+    base = f"{served.url}/v2/models/{MODEL}/versions"
+    metadata = requests.get(f"{base}/{champion.version}", timeout=10)
+    assert metadata.status_code == 200
+    assert metadata.json() == requests.get(f"{served.url}/v2/models/{MODEL}", timeout=10).json()
+    ready = requests.get(f"{base}/{champion.version}/ready", timeout=10)
+    assert (ready.status_code, ready.json()) == (200, {"name": MODEL, "ready": True})
+    for path in (f"{base}/999", f"{base}/999/ready"):
+        response = requests.get(path, timeout=10)
+        assert response.status_code == 404
+        assert f"{MODEL} version '999'" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "path", ["/v2/nope", "/v2/models/fraud-detector/nope", "/v2/models/fraud-detector/infer/x"]
+)
+def test_unknown_v2_routes_answer_in_the_oip_error_shape(served, path):
+    response = requests.get(served.url + path, timeout=10)
+    assert response.status_code == 404
+    assert set(response.json()) == {"error"}
+
+
+@pytest.mark.parametrize("verb", ["predict", "explain"])
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+def test_a_v1_verb_takes_post_only_and_is_not_mistaken_for_a_model_name(served, verb, method):
+    url = f"{served.url}/v1/models/{MODEL}:{verb}"
+    response = requests.request(method, url, timeout=10)
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert response.json() == {"error": f"{method} is not allowed on :{verb}: use POST"}
