@@ -1,4 +1,5 @@
-"""`python -m predictor`: KServe's ModelServer flags, settings from the environment/.env."""
+"""`fraud-predictor` (`python -m predictor`): KServe's ModelServer flags, settings from the
+environment/.env."""
 
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ else:
     import_model_loader()
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import logging.config  # noqa: E402
+import textwrap  # noqa: E402
 
 from kserve import model_server  # noqa: E402
 
@@ -52,32 +55,101 @@ tune_gc()
 gc.enable()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m predictor",
-        description="Fraud-detection model server (KServe V1/V2) fed from an MLflow registry.",
-        parents=[model_server.parser],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    # A log line per request costs more than scoring a transaction: latency is in /metrics.
-    parser.set_defaults(model_name=DEFAULT_MODEL_NAME, enable_latency_logging=False)
-    return parser.parse_args(argv)
-
-
-#: KServe flags this server does not honour, and what to use instead: refused at start
-#: rather than silently ignored.
+#: KServe flags this server does not honour, and why: refused at start (exit 2, one line)
+#: rather than silently ignored, and said so in `--help`.
 NOT_HONOURED = {
     "grpc_max_send_message_length": "answers are as large as the request allows",
     "grpc_max_receive_message_length": "set MAX_REQUEST_BYTES (it bounds REST and gRPC)",
-    "predictor_host": "this server is a predictor, not a transformer",
+    "access_log_format": "set ACCESS_LOG=true for uvicorn's access log (asgi-logger, which "
+    "formats KServe's, is not installed)",
+    "configure_logging": "logging is configured by LOG_FORMAT and ACCESS_LOG (or "
+    "--log_config_file)",
 }
+#: KServe's transformer flags (how a transformer calls its predictor): this server is the
+#: predictor. Refused when set, hidden from `--help`.
+TRANSFORMER_ONLY = (
+    "predictor_host",
+    "protocol",
+    "predictor_use_ssl",
+    "predictor_request_timeout_seconds",
+    "predictor_request_retries",
+    "enable_predictor_health_check",
+)
+#: What `--help` says of the flags whose KServe help does not describe this server.
+HELP = {
+    "event_loop": "Event loop: 'auto' (the default) runs asyncio's loop in a single process "
+    "(lower tail latency) and uvloop in each --workers process (uvicorn's choice); "
+    "'asyncio' and 'uvloop' run that loop everywhere.",
+    "predictor_protocol": "A transformer's flag: accepted (KServe deployments may pass it), "
+    "no effect on this server, which serves V1, V2 and gRPC alike.",
+    "enable_latency_logging": "Log a line per request with preprocess/predict/postprocess "
+    "latency (logger kserve.trace); the same figures are in /metrics.",
+    "log_config_file": "A YAML or JSON logging configuration for KServe, uvicorn and every "
+    "worker (not with LOG_FORMAT=json).",
+}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Flags with their defaults; the environment's settings laid out as written."""
+
+
+def settings_help(width: int = 100) -> str:
+    """`--help`'s epilog: every setting of predictor.settings.Settings, read from the
+    environment or `.env`, with its default and description."""
+    lines = ["environment (or .env in the working directory):"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = "unset" if default is None else str(default)
+        lines.append(f"  {name.upper()} (default: {shown})")
+        if field.description:
+            lines.extend(
+                textwrap.wrap(
+                    field.description,
+                    width,
+                    initial_indent=" " * 6,
+                    subsequent_indent=" " * 6,
+                    break_on_hyphens=False,
+                )
+            )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """KServe's ModelServer flags (a copy: KServe's own parser is left as it is), each one
+    honoured or refused at start, and the environment's settings in the epilog."""
+    kserve_flags = copy.deepcopy(model_server.parser)
+    for action in seam.parser_actions(kserve_flags):
+        if action.dest in TRANSFORMER_ONLY:
+            action.help = argparse.SUPPRESS
+        elif action.dest in NOT_HONOURED:
+            action.help = f"Refused by this server: {NOT_HONOURED[action.dest]}."
+        elif action.dest in HELP:
+            action.help = HELP[action.dest]
+    parser = argparse.ArgumentParser(
+        prog="fraud-predictor",
+        description="Fraud-detection model server (KServe V1/V2 and gRPC) fed from an MLflow "
+        "registry. Flags are KServe's ModelServer flags; everything else is configured by "
+        "the environment (below). `fraud-predictor token --help`: bearer tokens for "
+        "AUTH_TOKENS_FILE.",
+        parents=[kserve_flags],
+        formatter_class=HelpFormatter,
+        epilog=settings_help(),
+    )
+    # A log line per request costs more than scoring a transaction: latency is in /metrics.
+    parser.set_defaults(model_name=DEFAULT_MODEL_NAME, enable_latency_logging=False)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def refused_flags(args: argparse.Namespace, settings: Settings) -> str | None:
     """Why the command line cannot be served as given, in one line, or None."""
-    for name, instead in NOT_HONOURED.items():
+    for name in (*NOT_HONOURED, *TRANSFORMER_ONLY):
         if getattr(args, name) != model_server.parser.get_default(name):
-            return f"--{name} is not honoured by this server: {instead}"
+            reason = NOT_HONOURED.get(name, "this server is a predictor, not a transformer")
+            return f"--{name} is not honoured by this server: {reason}"
     if args.log_config_file and settings.log_format == "json":
         return "--log_config_file and LOG_FORMAT=json both configure logging: use one"
     return None
@@ -172,6 +244,12 @@ def serve(args: argparse.Namespace) -> int:
         enable_grpc=args.enable_grpc,
         enable_latency_logging=args.enable_latency_logging,
         event_loop=args.event_loop,
+        max_threads=args.max_threads,
+        max_asyncio_workers=args.max_asyncio_workers,
+        enable_docs_url=args.enable_docs_url,
+        timeout_keep_alive=args.timeout_keep_alive,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
     )
     server.start([])  # returns after a graceful shutdown (SIGTERM/SIGINT)
     model.close_ledger()

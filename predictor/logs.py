@@ -57,8 +57,11 @@ class DropAll(logging.Filter):
         return False
 
 
-def quiet_kserve_logging(access_log: bool = False) -> None:
-    """Logger-level filters: they survive KServe reconfiguring logging in each worker."""
+def quiet_kserve_logging(access_log: bool = False, latency_log: bool = False) -> None:
+    """Logger-level filters: they survive KServe reconfiguring logging in each worker.
+
+    `access_log`: uvicorn's access log (ACCESS_LOG); `latency_log`: KServe's per-request
+    latency lines (`--enable_latency_logging`)."""
     access = logging.getLogger("uvicorn.access")
     access.filters = [f for f in access.filters if not isinstance(f, DropAll)]
     if not access_log:
@@ -69,7 +72,8 @@ def quiet_kserve_logging(access_log: bool = False) -> None:
         access.handlers.clear()
         access.propagate = False
     trace = seam.kserve_trace_logger()
-    if not any(isinstance(f, DropTimings) for f in trace.filters):
+    trace.filters = [f for f in trace.filters if not isinstance(f, DropTimings)]
+    if not latency_log:
         trace.addFilter(DropTimings())
     kserve = logging.getLogger("kserve")
     if not any(isinstance(f, ClientErrorsInOneLine) for f in kserve.filters):

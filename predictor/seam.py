@@ -23,6 +23,8 @@ Hooks (HOOKED: class-level names; INSTANCE_HOOKED: attributes set in `__init__`)
 * KServe's logging: the `kserve.trace` logger and the handler layout of KSERVE_LOG_CONFIG;
 * Starlette's `app.user_middleware` and `router.redirect_slashes`, FastAPI's
   `router.add_event_handler` (kept "for backward compatibility");
+* argparse's `parser._actions` (KServe's flags, to say in `--help` what this server does
+  with each);
 * prometheus-client's Histogram internals (`_upper_bounds`, `_sum`, `_buckets`): a bulk
   observe, which it has not.
 
@@ -36,6 +38,7 @@ and `.explain` (server.v1_endpoint), `DataPlane.get_model` and `.explain`
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import copy
 import functools
@@ -101,6 +104,7 @@ INSTANCE_HOOKED = (
     (Starlette, ("user_middleware",)),
     (Router, ("redirect_slashes",)),
     (Histogram, ("_upper_bounds", "_sum", "_buckets")),
+    (argparse.ArgumentParser, ("_actions",)),
 )
 
 
@@ -515,3 +519,11 @@ def observe_histogram_many(histogram: Histogram, values: np.ndarray) -> None:
     for bucket, count in zip(histogram._buckets, counts.tolist(), strict=True):
         if count:
             bucket.inc(count)
+
+
+# ------------------------------------------------------------------------------ argparse
+
+
+def parser_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """Every argument `parser` takes, its inherited (`parents=`) ones included."""
+    return list(parser._actions)

@@ -415,7 +415,11 @@ def live_probe() -> tuple[int, bytes]:
 def prepare_serving_process(dataplane: FraudDataPlane) -> None:
     """Everything a process that answers HTTP needs: edges, and models loading themselves."""
     configure_logging(dataplane.settings.log_format)
-    quiet_kserve_logging(dataplane.settings.access_log)
+    models = dataplane.model_registry.get_models().values()
+    quiet_kserve_logging(
+        dataplane.settings.access_log,
+        any(getattr(model, "enable_latency_logging", False) for model in models),
+    )
     runtime.tune_gc()  # a `--workers` process too
     # KServe's V1 endpoints use ORJSONResponse, which FastAPI warns about on every request.
     warnings.filterwarnings("ignore", category=FastAPIDeprecationWarning)
@@ -513,7 +517,7 @@ def build_server(
         # gRPC is served by this parent process: it loads and follows the model too, but
         # its readiness is not a worker's (the workers' markers count for REST readiness).
         configure_logging(settings.log_format)
-        quiet_kserve_logging(settings.access_log)
+        quiet_kserve_logging(settings.access_log, model.enable_latency_logging)
         if tokens is not None:
             tokens.start()
         model.start_watching(marks_ready=False)

@@ -76,9 +76,11 @@ def test_client_text_in_an_error_cannot_forge_or_flood_a_line():
 def test_every_line_of_a_serving_process_is_json_with_log_format_json(
     start_predictor, mlflow_server, champion
 ):
-    """KServe's, uvicorn's (access log on), MLflow's and the server's own lines alike."""
+    """KServe's, uvicorn's (access log on), its latency lines (asked for), MLflow's and the
+    server's own lines alike."""
     predictor = start_predictor(
-        env={"MLFLOW_TRACKING_URI": mlflow_server.url, "LOG_FORMAT": "json", "ACCESS_LOG": "true"}
+        env={"MLFLOW_TRACKING_URI": mlflow_server.url, "LOG_FORMAT": "json", "ACCESS_LOG": "true"},
+        args=["--enable_latency_logging", "true"],
     )
     url = f"{predictor.url}/v1/models/fraud-detector:predict"
     row = [42.0, "2026-11-26T14:02:00+01:00", "grocery", True, 2.5, 1, 41, 2400]
@@ -89,8 +91,23 @@ def test_every_line_of_a_serving_process_is_json_with_log_format_json(
     lines = [line for line in predictor.log().splitlines() if line.strip()]
     entries = [json.loads(line) for line in lines]  # raises on the first line that is not
     loggers = {entry["logger"] for entry in entries}
-    assert {"predictor.model", "uvicorn.access", "kserve"} <= loggers, loggers
+    assert {"predictor.model", "uvicorn.access", "kserve", "kserve.trace"} <= loggers, loggers
     assert any("model loaded" in entry["message"] for entry in entries)
+    assert any("predict_ms" in entry["message"] for entry in entries)
+
+
+def test_latency_lines_are_dropped_unless_asked_for():
+    trace = logging.getLogger("kserve.trace")
+    saved = trace.filters[:]
+    try:
+        quiet_kserve_logging(latency_log=True)
+        assert trace.filter(record("requestId: x, predict_ms: 1.0"))
+        quiet_kserve_logging(latency_log=False)
+        quiet_kserve_logging(latency_log=False)
+        assert not trace.filter(record("requestId: x, predict_ms: 1.0"))
+        assert sum(isinstance(f, DropTimings) for f in trace.filters) == 1
+    finally:
+        trace.filters[:] = saved
 
 
 def test_access_log_off_leaves_uvicorn_nothing_to_write_to():

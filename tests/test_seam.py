@@ -3,6 +3,7 @@ an upgrade of uvicorn, httptools or KServe that changes them fails here, by name
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
@@ -53,6 +54,7 @@ BUILD = {
     Starlette: Starlette,
     Router: Router,
     Histogram: lambda: Histogram("seam_test", "a histogram", registry=None),
+    argparse.ArgumentParser: argparse.ArgumentParser,
 }
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ from kserve import (
 from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 from sklearn.ensemble import HistGradientBoostingClassifier
 from support import ORDINARY as GOOD
-from support import ROOT, SUSPICIOUS, free_port
+from support import SUSPICIOUS, free_port
 from test_hostile_input import binary_request, grpc_request
 
 from predictor import registry
@@ -503,28 +502,6 @@ def test_the_predictor_protocol_flag_leaves_every_door_answering(
     assert requests.post(v1_url(predictor), json={"instances": [GOOD]}, timeout=30).ok
     body = v2_request_body([GOOD])
     assert requests.post(v2_url(predictor), json=body, timeout=30).ok
-
-
-@pytest.mark.parametrize(
-    ("args", "env", "message"),
-    [
-        (["--grpc_max_receive_message_length", "100"], {}, "set MAX_REQUEST_BYTES"),
-        (["--grpc_max_send_message_length", "100"], {}, "--grpc_max_send_message_length"),
-        (["--predictor_host", "elsewhere"], {}, "not a transformer"),
-        (["--log_config_file", "logs.yaml"], {"LOG_FORMAT": "json"}, "use one"),
-    ],
-)
-def test_inherited_flags_the_server_would_ignore_stop_the_start(tmp_path, args, env, message):
-    result = subprocess.run(
-        [sys.executable, "-m", "predictor", *args],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
 
 
 # ------------------------------------------------------ Open Inference Protocol conformance
