@@ -425,19 +425,25 @@ def ledger_run(
         for target in (off, on):
             settled_engine(target.base_url)
         rates: dict[str, list[float]] = {"off": [], "on": []}
+        cpu: dict[str, list[float]] = {"off": [], "on": []}
         concurrency = max(args.concurrency)
         for _ in range(args.ledger_rounds):
             for name, target in (("off", off), ("on", on)):
+                before = metric_sum(target.base_url, "process_cpu_seconds_total")
                 result = drive(target, 1, concurrency, args.requests, payloads)
                 assert not result.failures, f"ledger {name}: {result.failures} failed"
                 rates[name].append(result.requests_per_second)
+                spent = metric_sum(target.base_url, "process_cpu_seconds_total") - before
+                cpu[name].append(spent / args.requests * 1e6)
         median_off, median_on = (statistics.median(rates[k]) for k in ("off", "on"))
         lines = [
             f"ledger rows=1 c={concurrency}: off {median_off:.0f} req/s, on (PostgreSQL) "
             f"{median_on:.0f} req/s: {median_on / median_off:.2f}x "
             f"(medians of {args.ledger_rounds} alternating rounds: off "
             f"{', '.join(f'{r:.0f}' for r in rates['off'])}; on "
-            f"{', '.join(f'{r:.0f}' for r in rates['on'])})"
+            f"{', '.join(f'{r:.0f}' for r in rates['on'])})",
+            f"server CPU per request (the whole process, all threads): off "
+            f"{statistics.median(cpu['off']):.0f} µs, on {statistics.median(cpu['on']):.0f} µs",
         ]
         # Saturation: as many decisions as the server can score, then until all are written.
         before = metric_sum(on.base_url, "fraud_decisions_recorded_total")
@@ -485,13 +491,18 @@ def shadow_run(
     for target in targets.values():
         settled_engine(target.base_url)
     rates: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     concurrency = max(args.concurrency)
     for _ in range(args.ledger_rounds):
         for name, target in targets.items():
+            before = metric_sum(target.base_url, "process_cpu_seconds_total")
             result = drive(target, 1, concurrency, args.requests, payloads)
             assert not result.failures, f"{name}: {result.failures} failed"
             rates[name].append(result.requests_per_second)
+            spent = metric_sum(target.base_url, "process_cpu_seconds_total") - before
+            cpu[name].append(spent / args.requests * 1e6)
     medians = {name: statistics.median(values) for name, values in rates.items()}
+    cpu_medians = {name: statistics.median(values) for name, values in cpu.items()}
     shadowed = targets["drift+shadow"].base_url
     lines = [
         f"follow-up rows=1 c={concurrency}: "
@@ -502,6 +513,8 @@ def shadow_run(
         + f" (medians of {args.ledger_rounds} alternating rounds; "
         + "; ".join(f"{n}: {', '.join(f'{r:.0f}' for r in rates[n])}" for n in variants)
         + ")",
+        "server CPU per request (the whole process, all threads): "
+        + ", ".join(f"{name} {cpu_medians[name]:.0f} µs" for name in variants),
         f"shadow: {metric_sum(shadowed, 'fraud_shadow_scored_total'):.0f} transactions scored, "
         f"{metric_sum(shadowed, 'fraud_shadow_not_scored_total'):.0f} not scored",
     ]
