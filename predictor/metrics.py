@@ -22,6 +22,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from predictor import seam
 from predictor.runtime import METRICS_ENV
 
 MODEL_INFO = Gauge(
@@ -152,18 +153,8 @@ def exposition() -> tuple[bytes, str]:
 
 
 def observe_many(histogram: Histogram, values: np.ndarray) -> None:
-    """`histogram.observe(v)` for every value, in one pass per bucket instead of per value.
-
-    prometheus-client has no bulk observe; this does what its `observe` does (sum, then
-    the first bucket whose upper bound is >= the value) with numpy. A test pins the
-    equivalence, so an upstream change of these internals fails loudly.
-    """
-    bounds = np.asarray(histogram._upper_bounds)
-    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
-    histogram._sum.inc(float(values.sum()))
-    for bucket, count in zip(histogram._buckets, counts.tolist(), strict=True):
-        if count:
-            bucket.inc(count)
+    """`histogram.observe(v)` for every value, in one numpy pass (see predictor.seam)."""
+    seam.observe_histogram_many(histogram, values)
 
 
 def observe_scores(probabilities: np.ndarray, decisions: np.ndarray) -> None:
