@@ -24,6 +24,7 @@ from predictor import metrics
 from predictor.drift import DriftWindow
 from predictor.ledger import DecisionLog, Scored
 from predictor.serving import Serving, ServingSlot, checked_probabilities
+from predictor.text import one_line
 
 logger = logging.getLogger("predictor.followup")
 
@@ -167,7 +168,7 @@ class FollowUp:
                 "shadow version %s failed to score (answers are unaffected; every failure is "
                 "counted in fraud_shadow_not_scored_total): %s",
                 shadow.version,
-                " ".join(str(error).split())[:500],
+                one_line(error, 500),
             )
 
     def _add_to_window(self, batch: list[Answered]) -> None:

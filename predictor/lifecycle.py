@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from predictor import metrics, registry, runtime
 from predictor.serving import CHAMPION, ServingSlot
 from predictor.settings import Settings
+from predictor.text import one_line
 
 logger = logging.getLogger("predictor.lifecycle")
 
@@ -105,7 +106,7 @@ class ModelWatcher:
                 self.model_uri,
                 tracking_uri,
                 self._backoff.failures,
-                _one_line(error),
+                one_line(error, 500),
                 delay,
             )
             metrics.MODEL_LOADS.labels(
@@ -138,7 +139,7 @@ class ModelWatcher:
             )
             delay = failed.backoff.next()
             failed.retry_at = time.monotonic() + delay
-            failed.reason = _one_line(error)
+            failed.reason = one_line(error, 500)
             metrics.MODEL_LOADS.labels(role=self.slot.role, kind=kind, outcome="failure").inc()
             still = f"version {serving.version} keeps serving" if serving else "nothing served yet"
             logger.error(
@@ -175,8 +176,3 @@ class ModelWatcher:
 
 def _of_role(role: str) -> str:
     return "" if role == CHAMPION else f" ({role})"
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:500]}"

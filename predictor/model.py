@@ -170,7 +170,7 @@ class FraudModel(Model):
             raise InferenceError("no model is loaded")
         if response_headers is not None:
             response_headers[MODEL_VERSION_HEADER] = serving.version
-        small = len(payload.features) <= INLINE_MAX_ROWS
+        small = is_small(rows=len(payload.features))
         return await run_sized(small, self._answer, serving, payload)
 
     def _answer(self, serving: Serving, payload: Batch) -> dict | InferResponse:
@@ -225,10 +225,9 @@ class FraudModel(Model):
             raise InferenceError("no model is loaded")
         rows = len(payload.features)
         if rows > self.settings.max_explain_rows:
-            raise InvalidInput(
-                f"instances: {rows} rows exceed the explain limit of "
-                f"{self.settings.max_explain_rows} (MAX_EXPLAIN_ROWS)"
-            )
+            limit = self.settings.max_explain_rows
+            over = codec.rows_exceed(rows, limit, "MAX_EXPLAIN_ROWS", "the explain limit")
+            raise InvalidInput(f"instances: {over}")
         loop = asyncio.get_running_loop()
         explanations = await loop.run_in_executor(None, _explain, serving, payload)
         metrics.EXPLAINED.inc(rows)

@@ -31,7 +31,11 @@ class Settings(BaseSettings):
         default=None,
         description="MLflow tracking/registry server. Unset: the embedded local store.",
     )
-    model_uri: str = Field(default=f"models:/{DEFAULT_MODEL_NAME}@{DEFAULT_ALIAS}")
+    model_uri: str = Field(
+        default=f"models:/{DEFAULT_MODEL_NAME}@{DEFAULT_ALIAS}",
+        description="The model to serve: models:/<name>@<alias> (followed, hot-reloaded),"
+        " models:/<name>/<version> or runs:/<run_id>/<path>.",
+    )
     shadow_model_uri: str | None = Field(
         default=None,
         description="A second version scored beside the champion after each answer, e.g."
@@ -42,23 +46,64 @@ class Settings(BaseSettings):
         ge=0,
         description="Scored transactions kept for feature drift (PSI); 0 turns drift off.",
     )
-    decision_threshold: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
-    max_batch_rows: int = Field(default=10_000, ge=1)
-    max_explain_rows: int = Field(default=100, ge=1)
-    max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
-    local_store_dir: Path = Field(default=Path("mlflow-local"))
-    model_load_timeout_seconds: float = Field(default=15.0, gt=0)
-    model_poll_interval_seconds: float = Field(default=30.0, ge=0)
-    model_retry_max_seconds: float = Field(default=30.0, ge=1)
-    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
-    auth_tokens_file: Path | None = None
-    bind_address: str = "127.0.0.1"
-    decision_log_uri: str | None = None
-    decision_log_flush_seconds: float = Field(default=0.2, gt=0, le=60)
-    decision_log_max_pending: int = Field(default=100_000, ge=1)
-    decision_log_spool_path: Path | None = None
-    log_format: Literal["text", "json"] = "text"
-    access_log: bool = False
+    decision_threshold: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="Overrides the version's decision_threshold tag (0..1). Unset: the tag.",
+    )
+    max_batch_rows: int = Field(
+        default=10_000, ge=1, description="Most transactions accepted in one request."
+    )
+    max_explain_rows: int = Field(
+        default=100, ge=1, description="Most transactions explained in one :explain request."
+    )
+    max_request_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="Largest request body (bytes): 413 above."
+    )
+    local_store_dir: Path = Field(
+        default=Path("mlflow-local"),
+        description="The embedded MLflow store's directory (without MLFLOW_TRACKING_URI).",
+    )
+    model_load_timeout_seconds: float = Field(
+        default=15.0, gt=0, description="Timeout of each MLflow call while loading."
+    )
+    model_poll_interval_seconds: float = Field(
+        default=30.0, ge=0, description="How often an alias is looked up again; 0: never."
+    )
+    model_retry_max_seconds: float = Field(
+        default=30.0, ge=1, description="Longest wait between retries of a failed load."
+    )
+    max_header_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="Largest request line + headers: 431 above."
+    )
+    auth_tokens_file: Path | None = Field(
+        default=None,
+        description="Bearer tokens (sha256:<hex> <scopes> <name> per line). Unset: every"
+        " caller that reaches the server is trusted (a warning at start).",
+    )
+    bind_address: str = Field(
+        default="127.0.0.1", description="Address the HTTP and gRPC servers listen on."
+    )
+    decision_log_uri: str | None = Field(
+        default=None,
+        description="Decision ledger: sqlite:///PATH, postgresql://... or none. Unset: SQLite"
+        " beside the embedded store, none with a remote registry.",
+    )
+    decision_log_flush_seconds: float = Field(
+        default=0.2, gt=0, le=60, description="How often the ledger writes what was recorded."
+    )
+    decision_log_max_pending: int = Field(
+        default=100_000, ge=1, description="Decisions held in memory while the database is away."
+    )
+    decision_log_spool_path: Path | None = Field(
+        default=None, description="File holding decisions beyond the memory bound (optional)."
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="Log lines as text or as one JSON object each."
+    )
+    access_log: bool = Field(default=False, description="One log line per request.")
 
     @field_validator(
         "mlflow_tracking_uri",

@@ -21,6 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from predictor.text import one_line
+
 #: `decisions` columns, in the order rows are written.
 DECISION_COLUMNS = (
     "transaction_id",
@@ -306,8 +308,3 @@ def redacted(uri: str) -> str:
     credentials, _, host = rest.rpartition("@")
     user = credentials.split(":", 1)[0]
     return f"{scheme}{separator}{user}:***@{host}"
-
-
-def one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 300 else text[:300] + "..."

@@ -45,3 +45,9 @@ def error_body(message: str) -> bytes:
         text = text[: len(text) * 3 // 4] + "... (cut)"
         body = orjson.dumps({"error": text})
     return body
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception for a message or a log line: its type and its text on one line,
+    escaped and cut at `limit` characters."""
+    return f"{type(error).__name__}: {escaped(' '.join(str(error).split()), limit)}"
