@@ -83,6 +83,8 @@ class FollowUp:
             if self._pending_rows + rows <= MAX_PENDING_ROWS and not self._stopping:
                 self._queue.append(Answered(scored, features))
                 self._pending_rows += rows
+                if self.ledger is not None:  # answered, not yet in the database
+                    metrics.DECISIONS_PENDING.inc(rows)
                 return
         if self.shadow is not None:
             metrics.SHADOW_NOT_SCORED.labels(reason="busy").inc(rows)
@@ -108,28 +110,30 @@ class FollowUp:
                 self._pending_rows = 0
             if batch:
                 try:
-                    self._follow_up(batch)
+                    self._enrich(batch)
                 except Exception:  # never lose the decisions to a bug in the extras
                     logger.exception("following up on %d answered requests failed", len(batch))
-                    for answered in batch:
-                        self._record(answered.scored)
+                for answered in batch:
+                    self._record(answered.scored)
             self._refresh_drift()
             if stopping:
                 with self._lock:
                     if not self._queue:
                         return
 
-    def _follow_up(self, batch: list[Answered]) -> None:
+    def _enrich(self, batch: list[Answered]) -> None:
+        """The shadow's probabilities onto the decisions; the features into the window."""
         if self.shadow is not None:
             self._score_shadow(batch)
         if self.window is not None:
             self._add_to_window(batch)
-        for answered in batch:
-            self._record(answered.scored)
 
     def _record(self, scored: Scored) -> None:
+        """Hand a queued request's decisions to the ledger (which counts them pending from
+        now on, so the gauge never dips below what is still unwritten)."""
         if self.ledger is not None:
             self.ledger.record(scored)
+            metrics.DECISIONS_PENDING.dec(len(scored))
 
     def _score_shadow(self, batch: list[Answered]) -> None:
         shadow = self.shadow.serving if self.shadow is not None else None
