@@ -9,8 +9,9 @@ against the served version's profile:
     PSI = sum over bins of (live - reference) * ln(live / reference)
 
 Below 0.1 is noise, 0.1-0.25 a shift worth a look, above 0.25 a population the model was
-not trained on. Bins are the training deciles, or one bin per value for features with few
-distinct values (hour, weekday, flags, merchant category), so a shift shows wherever it is.
+not trained on. Bins are the training deciles with the tails split finer (1st, 5th, 95th,
+99th percentiles), or one bin per value for features with few distinct values (hour,
+weekday, flags, merchant category), so a shift shows wherever it is.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ PROFILE_ARTIFACT = "feature_profile.json"
 PROFILE_FORMAT = 1
 #: Features with at most this many distinct training values get one bin per value.
 MAX_DISCRETE_VALUES = 32
-QUANTILES = np.linspace(0.1, 0.9, 9)
+#: Bin edges of a continuous feature: its deciles, plus the 1st, 5th, 95th and 99th
+#: percentiles, so values beyond what training saw land in bins that expected 1 % and a
+#: shift there shows even when it is a small part of the window.
+QUANTILES = np.array([0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99])
 #: Stands in for an empty bin's proportion, so one empty bin does not make PSI infinite.
 EMPTY_BIN = 1e-4
 #: Exported names: the transaction field a feature comes from, where it is one field.
@@ -105,7 +109,7 @@ def population_stability_index(reference: np.ndarray, live: np.ndarray) -> float
 
 def reference_of(values: np.ndarray) -> Reference:
     """Bins for one variable from its training values: one per value when there are few,
-    else the deciles (ties merged)."""
+    else the deciles and tail percentiles of QUANTILES (ties merged)."""
     distinct = np.unique(values[np.isfinite(values)])
     if len(distinct) <= MAX_DISCRETE_VALUES:
         edges = (distinct[:-1] + distinct[1:]) / 2

@@ -78,6 +78,15 @@ def test_psi_rises_on_a_planted_shift_of_one_feature_and_stays_low_elsewhere(ref
     assert all(drifted[name] < 0.1 for name in DRIFT_FEATURES if name != "amount"), drifted
 
 
+def test_a_shift_beyond_the_training_range_shows_as_a_fifth_of_the_window(reference):
+    """The tail bins expect 1 %: 500 shifted rows among 2,500 already cross the threshold."""
+    window = DriftWindow(2_500)
+    window.append(features_of(generate_transactions(rows=2_000, seed=4)), np.zeros(2_000))
+    shifted = amount_scaled(generate_transactions(rows=500, seed=5), 10.0)
+    window.append(features_of(shifted), np.zeros(500))
+    assert window.psi(reference)["amount"] > 0.25
+
+
 def test_agreement_rows_drawn_from_a_profile_visit_every_bin_of_every_feature(reference):
     rows = reference.sample(2_000)
     assert rows.shape == (2_000, len(FEATURE_NAMES))
