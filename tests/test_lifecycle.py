@@ -185,7 +185,7 @@ def register_mismatched_model(tracking_uri: str, name: str) -> str:
         info = mlflow.sklearn.log_model(
             model,
             name="model",
-            signature=infer_signature(frame, labels),
+            signature=infer_signature(frame, labels.astype(float)),
             serialization_format="skops",
             skops_trusted_types=registry.TRUSTED_TYPES,
             pip_requirements=["scikit-learn"],

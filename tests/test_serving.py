@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 import threading
+import warnings
 
 import grpc
 import mlflow
@@ -54,7 +55,10 @@ def registered_models_own_probabilities(mlflow_url: str, transactions: list[dict
     registry.connect(mlflow_url)
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     frame = feature_frame(build_features(validate_rows(transactions)))
-    return np.asarray(model.predict(frame))[:, 1]
+    with warnings.catch_warnings():
+        # Fitted on the bare feature matrix; MLflow hands it the signature's named frame.
+        warnings.filterwarnings("ignore", message="X has feature names")
+        return np.asarray(model.predict(frame))[:, 1]
 
 
 def test_load_pins_the_alias_to_a_version_in_memory(mlflow_server, champion, example_transactions):
