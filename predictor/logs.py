@@ -49,6 +49,24 @@ class ClientErrorsInOneLine(logging.Filter):
         return True
 
 
+class DropSaysNothing(logging.Filter):
+    """KServe's start-up lines about features this server does not use (OpenAI and time
+    series endpoints) and its thread-pool size: nothing a user acts on."""
+
+    PREFIXES = (
+        "OpenAI endpoints not registered",
+        "Time series endpoints not registered",
+        "Setting max asyncio worker threads",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno < logging.WARNING
+            and isinstance(record.msg, str)
+            and record.msg.startswith(self.PREFIXES)
+        )
+
+
 class DropAll(logging.Filter):
     """uvicorn's access log: a line per request costs more than scoring a transaction, and
     request counts, statuses and latencies are in the metrics. ACCESS_LOG=true keeps it."""
@@ -78,6 +96,8 @@ def quiet_kserve_logging(access_log: bool = False, latency_log: bool = False) ->
     kserve = logging.getLogger("kserve")
     if not any(isinstance(f, ClientErrorsInOneLine) for f in kserve.filters):
         kserve.addFilter(ClientErrorsInOneLine())
+    if not any(isinstance(f, DropSaysNothing) for f in kserve.filters):
+        kserve.addFilter(DropSaysNothing())
 
 
 def json_log_config() -> dict:

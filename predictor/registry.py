@@ -98,6 +98,9 @@ def connect(tracking_uri: str) -> MlflowClient:
     Some of mlflow's helpers (artifact download of `models:/` URIs) ignore the URIs they
     are given and use the process default, which is `./mlflow.db` when nothing is set.
     """
+    # MLflow announces creating a new local store's tables in two INFO lines; the
+    # commands say what they do themselves, once.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)

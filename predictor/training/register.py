@@ -7,11 +7,13 @@ the same rows, or with `--force`. The embedded store's demo model is bootstrappe
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import asdict
 from importlib.metadata import version as package_version
 
@@ -130,7 +132,8 @@ def train_and_register(
                 skops_trusted_types=registry.TRUSTED_TYPES,
                 pyfunc_predict_fn="predict_proba",
             )
-        registered = mlflow.register_model(info.model_uri, config.model_name)
+        with _quiet_registration():
+            registered = mlflow.register_model(info.model_uri, config.model_name)
         version = str(registered.version)
         client.set_model_version_tag(
             config.model_name, version, registry.THRESHOLD_TAG, f"{threshold:.6f}"
@@ -234,6 +237,24 @@ def _quiet_model_logging() -> Iterator[None]:
     finally:
         for logger, level in zip(quieted, levels, strict=True):
             logger.setLevel(level)
+
+
+#: What mlflow.register_model prints to stderr that the trainer's own line says again.
+REGISTRATION_CHATTER = ("Successfully registered model ", "Registered model ", "Created version ")
+
+
+@contextmanager
+def _quiet_registration() -> Iterator[None]:
+    """mlflow.register_model without its progress prints (the trainer says which version
+    it registered in its own line); anything else it writes still reaches stderr."""
+    captured = io.StringIO()
+    try:
+        with redirect_stderr(captured):
+            yield
+    finally:
+        for line in captured.getvalue().splitlines(keepends=True):
+            if not line.startswith(REGISTRATION_CHATTER):
+                sys.stderr.write(line)
 
 
 @contextmanager
