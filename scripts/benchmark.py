@@ -413,60 +413,79 @@ def engine_floors(tracking_uri: str, payloads: list[dict]) -> list[str]:
 def ledger_run(
     stack: Stack, tracking_uri: str, args: argparse.Namespace, payloads: list[dict]
 ) -> list[str]:
-    """The decision ledger's cost: c=8 single-row throughput with the ledger on a real
-    PostgreSQL against the ledger off, in alternating rounds on two live servers, and
-    decisions written per second at saturation (100-row batches, c=8)."""
+    """The decision ledger's cost: c=8 single-row throughput with the ledger off, on a real
+    PostgreSQL and on SQLite (the embedded default, written inside the server process), in
+    alternating rounds on live servers; then decisions written per second at saturation
+    (100-row batches, c=8) on each backend."""
     postgres = start_postgres()
     if postgres is None:
         return ["ledger: PostgreSQL is not installed (Debian package postgresql): skipped"]
     try:
-        off, _ = start_predictor(stack, tracking_uri, 1, {"DECISION_LOG_URI": "none"})
-        on, _ = start_predictor(stack, tracking_uri, 1, {"DECISION_LOG_URI": postgres.url})
-        for target in (off, on):
+        variants = {
+            "off": "none",
+            "PostgreSQL": postgres.url,
+            "SQLite": f"sqlite:///{stack.workdir / 'decisions.db'}",
+        }
+        targets = {
+            name: start_predictor(stack, tracking_uri, 1, {"DECISION_LOG_URI": uri})[0]
+            for name, uri in variants.items()
+        }
+        for target in targets.values():
             settled_engine(target.base_url)
-        rates: dict[str, list[float]] = {"off": [], "on": []}
-        cpu: dict[str, list[float]] = {"off": [], "on": []}
+        rates: dict[str, list[float]] = {name: [] for name in variants}
+        cpu: dict[str, list[float]] = {name: [] for name in variants}
         concurrency = max(args.concurrency)
         for _ in range(args.ledger_rounds):
-            for name, target in (("off", off), ("on", on)):
+            for name, target in targets.items():
                 before = metric_sum(target.base_url, "process_cpu_seconds_total")
                 result = drive(target, 1, concurrency, args.requests, payloads)
                 assert not result.failures, f"ledger {name}: {result.failures} failed"
                 rates[name].append(result.requests_per_second)
                 spent = metric_sum(target.base_url, "process_cpu_seconds_total") - before
                 cpu[name].append(spent / args.requests * 1e6)
-        median_off, median_on = (statistics.median(rates[k]) for k in ("off", "on"))
+        medians = {name: statistics.median(values) for name, values in rates.items()}
         lines = [
-            f"ledger rows=1 c={concurrency}: off {median_off:.0f} req/s, on (PostgreSQL) "
-            f"{median_on:.0f} req/s: {median_on / median_off:.2f}x "
-            f"(medians of {args.ledger_rounds} alternating rounds: off "
-            f"{', '.join(f'{r:.0f}' for r in rates['off'])}; on "
-            f"{', '.join(f'{r:.0f}' for r in rates['on'])})",
-            f"server CPU per request (the whole process, all threads): off "
-            f"{statistics.median(cpu['off']):.0f} µs, on {statistics.median(cpu['on']):.0f} µs",
+            f"ledger rows=1 c={concurrency}: "
+            + ", ".join(
+                f"{name} {medians[name]:.0f} req/s ({medians[name] / medians['off']:.2f}x)"
+                for name in variants
+            )
+            + f" (medians of {args.ledger_rounds} alternating rounds; "
+            + "; ".join(f"{n}: {', '.join(f'{r:.0f}' for r in rates[n])}" for n in variants)
+            + ")",
+            "server CPU per request (the whole process, all threads): "
+            + ", ".join(f"{name} {statistics.median(cpu[name]):.0f} µs" for name in variants),
         ]
-        # Saturation: as many decisions as the server can score, then until all are written.
-        before = metric_sum(on.base_url, "fraud_decisions_recorded_total")
-        began = time.perf_counter()
-        result = drive(on, 100, concurrency, max(200, args.requests // 4), payloads)
-        scored_seconds = time.perf_counter() - began
-        pending_peak = metric_sum(on.base_url, "fraud_decision_log_pending")
-        while metric_sum(on.base_url, "fraud_decision_log_pending") > 0:
-            if time.perf_counter() - began > 120:
-                break
-            time.sleep(0.05)
-        written = metric_sum(on.base_url, "fraud_decisions_recorded_total") - before
-        elapsed = time.perf_counter() - began
-        lines.append(
-            f"ledger at saturation (100-row batches, c={concurrency}): "
-            f"{result.requests_per_second * 100:.0f} decisions/s scored, {written:.0f} written in "
-            f"{elapsed:.2f} s = {written / elapsed:.0f} decisions/s (scoring took "
-            f"{scored_seconds:.2f} s; pending at its end {pending_peak:.0f}); dropped "
-            f"{metric_sum(on.base_url, 'fraud_decisions_dropped_total'):.0f}"
-        )
+        for name in ("PostgreSQL", "SQLite"):
+            lines.append(saturation(targets[name], name, concurrency, args.requests, payloads))
         return lines
     finally:
         postgres.remove()
+
+
+def saturation(
+    target: Target, backend: str, concurrency: int, requests: int, payloads: list[dict]
+) -> str:
+    """As many decisions as the server can score, then the time until all are written."""
+    base_url = target.base_url
+    before = metric_sum(base_url, "fraud_decisions_recorded_total")
+    began = time.perf_counter()
+    result = drive(target, 100, concurrency, max(200, requests // 4), payloads)
+    scored_seconds = time.perf_counter() - began
+    pending_peak = metric_sum(base_url, "fraud_decision_log_pending")
+    while metric_sum(base_url, "fraud_decision_log_pending") > 0:
+        if time.perf_counter() - began > 120:
+            break
+        time.sleep(0.05)
+    written = metric_sum(base_url, "fraud_decisions_recorded_total") - before
+    elapsed = time.perf_counter() - began
+    return (
+        f"ledger at saturation, {backend} (100-row batches, c={concurrency}): "
+        f"{result.requests_per_second * 100:.0f} decisions/s scored, {written:.0f} written in "
+        f"{elapsed:.2f} s = {written / elapsed:.0f} decisions/s (scoring took "
+        f"{scored_seconds:.2f} s; pending at its end {pending_peak:.0f}); dropped "
+        f"{metric_sum(base_url, 'fraud_decisions_dropped_total'):.0f}"
+    )
 
 
 def shadow_run(
@@ -681,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ledger-only",
         action="store_true",
-        help="measure the decision ledger's cost only: PostgreSQL on vs off (full run only)",
+        help="measure the decision ledger's cost only: off, PostgreSQL, SQLite (full run only)",
     )
     parser.add_argument(
         "--shadow-only",

@@ -114,6 +114,22 @@ def test_worse_challenger_does_not_move_alias_but_force_does(store: Store):
     assert int(holder.version) > int(challenger.version)
 
 
+def test_training_against_a_server_says_each_step_once(mlflow_server, tmp_path: Path):
+    """MLflow's own registration prints, wait notices and run links are left out; the
+    trainer's last line links the run in MLflow's UI instead."""
+    result = run_cli(
+        ["--rows", "2000", "--model-name", "fraud-quiet"],
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": mlflow_server.url},
+    )
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    for chatter in ("Successfully registered", "Created version", "Waiting up to", "View run"):
+        assert chatter not in output, output
+    assert f"fraud-quiet version 1 (run {mlflow_server.url}/#/experiments/" in output, output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written beside
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -109,6 +109,8 @@ def train_and_register(
         params["ledger"] = redacted(config.ledger)
     with (
         step(log, "logging the run and registering the model"),
+        # MLflow prints two links when a run on a server ends; the line below names the run.
+        _environment(MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true"),
         mlflow.start_run(experiment_id=experiment_id) as run,
     ):
         mlflow.log_params({**params, registry.THRESHOLD_TAG: threshold})
@@ -144,7 +146,8 @@ def train_and_register(
     if promoted:
         client.set_registered_model_alias(config.model_name, config.alias, version)
     log(
-        f"registered {config.model_name} version {version} (run {run.info.run_id}); "
+        f"registered {config.model_name} version {version} "
+        f"({_run_link(tracking_uri, experiment_id, run.info.run_id)}); "
         f"alias '{config.alias}' {'moved to it' if promoted else 'unchanged'}: {reason}"
     )
     return TrainingResult(
@@ -239,6 +242,13 @@ def _quiet_model_logging() -> Iterator[None]:
             logger.setLevel(level)
 
 
+def _run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run in MLflow's UI where a server shows it, else its id."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"run {tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"run {run_id}"
+
+
 #: What mlflow.register_model prints to stderr that the trainer's own line says again.
 REGISTRATION_CHATTER = ("Successfully registered model ", "Registered model ", "Created version ")
 
@@ -248,10 +258,14 @@ def _quiet_registration() -> Iterator[None]:
     """mlflow.register_model without its progress prints (the trainer says which version
     it registered in its own line); anything else it writes still reaches stderr."""
     captured = io.StringIO()
+    waiting = logging.getLogger("mlflow.store.model_registry.abstract_store")
+    level = waiting.level
+    waiting.setLevel(logging.WARNING)  # "Waiting up to 300 seconds for model version ..."
     try:
         with redirect_stderr(captured):
             yield
     finally:
+        waiting.setLevel(level)
         for line in captured.getvalue().splitlines(keepends=True):
             if not line.startswith(REGISTRATION_CHATTER):
                 sys.stderr.write(line)
