@@ -434,15 +434,20 @@ def ledger_run(
             settled_engine(target.base_url)
         rates: dict[str, list[float]] = {name: [] for name in variants}
         cpu: dict[str, list[float]] = {name: [] for name in variants}
+        database_cpu: list[float] = []
         concurrency = max(args.concurrency)
         for _ in range(args.ledger_rounds):
             for name, target in targets.items():
                 before = metric_sum(target.base_url, "process_cpu_seconds_total")
+                database_before = postgres_cpu_seconds(postgres.data_dir)
                 result = drive(target, 1, concurrency, args.requests, payloads)
                 assert not result.failures, f"ledger {name}: {result.failures} failed"
                 rates[name].append(result.requests_per_second)
                 spent = metric_sum(target.base_url, "process_cpu_seconds_total") - before
                 cpu[name].append(spent / args.requests * 1e6)
+                if name == "PostgreSQL" and database_before is not None:
+                    database_after = postgres_cpu_seconds(postgres.data_dir) or database_before
+                    database_cpu.append((database_after - database_before) / args.requests * 1e6)
         medians = {name: statistics.median(values) for name, values in rates.items()}
         lines = [
             f"ledger rows=1 c={concurrency}: "
@@ -456,11 +461,38 @@ def ledger_run(
             "server CPU per request (the whole process, all threads): "
             + ", ".join(f"{name} {statistics.median(cpu[name]):.0f} µs" for name in variants),
         ]
+        if database_cpu:
+            lines.append(
+                "PostgreSQL's own CPU per request (every process of the cluster, on the same "
+                f"cores): {statistics.median(database_cpu):.0f} µs"
+            )
         for name in ("PostgreSQL", "SQLite"):
             lines.append(saturation(targets[name], name, concurrency, args.requests, payloads))
         return lines
     finally:
         postgres.remove()
+
+
+def postgres_cpu_seconds(data_dir: Path) -> float | None:
+    """CPU seconds (user + system) of a cluster's postmaster and every process it started
+    (running, or ended and reaped), from Linux's /proc; None where that cannot be read."""
+    try:
+        postmaster = int((data_dir / "postmaster.pid").read_text().split()[0])
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                # After the command name in parentheses: state, ppid, ..., utime, stime.
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # exited meanwhile
+            if int(stat.parent.name) == postmaster:  # itself, and the backends that ended
+                total += sum(int(value) for value in fields[11:15])
+            elif int(fields[1]) == postmaster:
+                total += int(fields[11]) + int(fields[12])
+        return total / tick
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def saturation(
