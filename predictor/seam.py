@@ -19,6 +19,8 @@ Hooks (HOOKED: class-level names; INSTANCE_HOOKED: attributes set in `__init__`)
   serving them), `_rest_server`, `_rest_multiprocess_server._rest_server` (the RESTServer
   it built) and `_grpc_server` (what `stop()` stops); its module-global `app` and `args`
   (`start()` reads `args.log_config_file` for its workers);
+* KServe's worker watchdog (`RESTServerProcess.is_alive`): a longer ping timeout, so a
+  worker still starting on a loaded machine is not killed and replaced in a loop;
 * KServe's InferInput: `_raw_data`, the bytes of a tensor sent as gRPC raw contents;
 * KServe's logging: the `kserve.trace` logger and the handler layout of KSERVE_LOG_CONFIG;
 * Starlette's `app.user_middleware` and `router.redirect_slashes`, FastAPI's
@@ -60,6 +62,7 @@ from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.infer_type import InferInput
+from kserve.protocol.rest.multiprocess.server import RESTServerMultiProcess, RESTServerProcess
 from kserve.protocol.rest.server import RESTServer
 from kserve.protocol.rest.v1_endpoints import V1Endpoints
 from kserve.protocol.rest.v2_endpoints import V2Endpoints
@@ -95,6 +98,7 @@ HOOKED = (
     (kserve_logging, "trace_logger"),
     (kserve_logging, "KSERVE_LOG_CONFIG"),
     (APIRouter, "add_event_handler"),
+    (RESTServerProcess, "is_alive"),
 )
 
 #: Attributes set in `__init__`, hooked here: test_seam.py builds each class and checks.
@@ -225,6 +229,21 @@ PINNED = (
         "(self)",
         "f821f63b4024",
         "relied on: adds middlewares, endpoints, exception handlers (seam.kserve_app_parts)",
+    ),
+    Pin(
+        RESTServerProcess,
+        "is_alive",
+        "(self, timeout=5)",
+        "b5d7ea48fc1a",
+        "default timeout raised by seam.tolerate_slow_worker_starts",
+    ),
+    Pin(
+        RESTServerMultiProcess,
+        "keep_subprocess_alive",
+        "(self, sockets)",
+        "22dd987ecf8b",
+        "relied on: calls is_alive() with its default timeout every 0.5 s, kills and "
+        "replaces a worker that does not answer (seam.tolerate_slow_worker_starts)",
     ),
     Pin(
         Histogram,
@@ -396,6 +415,8 @@ class HookedModelServer(ModelServer):
 
     async def _serve(self) -> None:
         self.prepare_servers()
+        if self._rest_multiprocess_server is not None:
+            tolerate_slow_worker_starts()
         await super()._serve()
 
     def prepare_servers(self) -> None:
@@ -413,6 +434,27 @@ class HookedModelServer(ModelServer):
         KServe's GRPCServer) with the REST server, stopped by `stop()` as KServe's is."""
         self._grpc_server = grpc_server
         self.servers.append(grpc_server.start(max_threads))
+
+
+#: How long a `--workers` process may leave KServe's liveness ping unanswered before KServe
+#: kills and replaces it. KServe waits 5 s; a worker answers only once it has imported its
+#: libraries, which takes longer than that on a loaded 2-core machine, and each replacement
+#: then starts the same race again.
+WORKER_PING_TIMEOUT_SECONDS = 30.0
+
+
+def tolerate_slow_worker_starts() -> None:
+    """KServe's worker watchdog with a ping timeout of WORKER_PING_TIMEOUT_SECONDS (its
+    loop calls `is_alive()` with the default; kserve 0.21.0). Idempotent."""
+    upstream = RESTServerProcess.is_alive
+    if getattr(upstream, "tolerant", False):
+        return
+
+    def is_alive(self, timeout: float = WORKER_PING_TIMEOUT_SECONDS) -> bool:
+        return upstream(self, timeout)
+
+    is_alive.tolerant = True  # type: ignore[attr-defined]
+    RESTServerProcess.is_alive = is_alive
 
 
 def kserve_app() -> FastAPI:

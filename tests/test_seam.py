@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import multiprocessing
 import signal
+import threading
+import time
 import types
 
 import numpy as np
@@ -17,7 +20,7 @@ from kserve import ModelServer
 from kserve.model_repository import ModelRepository
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.infer_type import InferInput, InferRequest
-from kserve.protocol.rest.multiprocess.server import RESTServerMultiProcess
+from kserve.protocol.rest.multiprocess.server import RESTServerMultiProcess, RESTServerProcess
 from kserve.protocol.rest.server import RESTServer
 from prometheus_client import CollectorRegistry, Histogram
 from starlette.applications import Starlette
@@ -92,6 +95,31 @@ def test_the_rest_servers_kserve_builds_with_workers_are_found():
     server._rest_multiprocess_server = multiprocess  # as start() does with --workers
     (template,) = server.rest_servers()
     assert isinstance(template, RESTServer) and template.config.workers == 2
+
+
+def test_a_worker_slower_than_kserves_5_s_ping_is_kept_not_replaced():
+    """KServe's watchdog pings each worker; one still importing its libraries answers late.
+    With the seam's timeout a 6 s answer keeps it (KServe's own 5 s would kill it)."""
+    seam.tolerate_slow_worker_starts()
+    seam.tolerate_slow_worker_starts()  # idempotent: one wrapper, not two
+    assert RESTServerProcess.is_alive.tolerant
+    worker = RESTServerProcess.__new__(RESTServerProcess)  # its pipe, without its target
+    worker._parent_conn, worker._child_conn = multiprocessing.Pipe()
+    worker._process = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(30,))
+    worker._process.start()
+    try:
+
+        def answer_late():
+            time.sleep(6)
+            worker.pong()
+
+        threading.Thread(target=answer_late, daemon=True).start()
+        started = time.monotonic()
+        assert worker.is_alive()  # what keep_subprocess_alive() calls, with no timeout
+        assert time.monotonic() - started >= 5.5
+    finally:
+        worker._process.kill()
+        worker._process.join(10)
 
 
 def test_prepare_servers_runs_before_serving_and_stop_stops_what_is_served_alongside():
