@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -430,44 +431,25 @@ def ledger_run(
             name: start_predictor(stack, tracking_uri, 1, {"DECISION_LOG_URI": uri})[0]
             for name, uri in variants.items()
         }
-        for target in targets.values():
-            settled_engine(target.base_url)
-        rates: dict[str, list[float]] = {name: [] for name in variants}
-        cpu: dict[str, list[float]] = {name: [] for name in variants}
         database_cpu: list[float] = []
-        concurrency = max(args.concurrency)
-        for _ in range(args.ledger_rounds):
-            for name, target in targets.items():
-                before = metric_sum(target.base_url, "process_cpu_seconds_total")
-                database_before = postgres_cpu_seconds(postgres.data_dir)
-                result = drive(target, 1, concurrency, args.requests, payloads)
-                assert not result.failures, f"ledger {name}: {result.failures} failed"
-                rates[name].append(result.requests_per_second)
-                spent = metric_sum(target.base_url, "process_cpu_seconds_total") - before
-                cpu[name].append(spent / args.requests * 1e6)
-                if name == "PostgreSQL" and database_before is not None:
-                    database_after = postgres_cpu_seconds(postgres.data_dir) or database_before
-                    database_cpu.append((database_after - database_before) / args.requests * 1e6)
-        medians = {name: statistics.median(values) for name, values in rates.items()}
-        lines = [
-            f"ledger rows=1 c={concurrency}: "
-            + ", ".join(
-                f"{name} {medians[name]:.0f} req/s ({medians[name] / medians['off']:.2f}x)"
-                for name in variants
-            )
-            + f" (medians of {args.ledger_rounds} alternating rounds; "
-            + "; ".join(f"{n}: {', '.join(f'{r:.0f}' for r in rates[n])}" for n in variants)
-            + ")",
-            "server CPU per request (the whole process, all threads): "
-            + ", ".join(f"{name} {statistics.median(cpu[name]):.0f} µs" for name in variants),
-        ]
+
+        def measure_database(name: str, run: Callable[[], None]) -> None:
+            before = postgres_cpu_seconds(postgres.data_dir)
+            run()
+            if name == "PostgreSQL" and before is not None:
+                after = postgres_cpu_seconds(postgres.data_dir) or before
+                database_cpu.append((after - before) / args.requests * 1e6)
+
+        lines = alternating_rounds("ledger", targets, "off", args, payloads, measure_database)
         if database_cpu:
             lines.append(
                 "PostgreSQL's own CPU per request (every process of the cluster, on the same "
                 f"cores): {statistics.median(database_cpu):.0f} µs"
             )
         for name in ("PostgreSQL", "SQLite"):
-            lines.append(saturation(targets[name], name, concurrency, args.requests, payloads))
+            lines.append(
+                saturation(targets[name], name, max(args.concurrency), args.requests, payloads)
+            )
         return lines
     finally:
         postgres.remove()
@@ -539,37 +521,56 @@ def shadow_run(
     targets = {
         name: start_predictor(stack, tracking_uri, 1, env)[0] for name, env in variants.items()
     }
-    for target in targets.values():
-        settled_engine(target.base_url)
-    rates: dict[str, list[float]] = {name: [] for name in variants}
-    cpu: dict[str, list[float]] = {name: [] for name in variants}
-    concurrency = max(args.concurrency)
-    for _ in range(args.ledger_rounds):
-        for name, target in targets.items():
-            before = metric_sum(target.base_url, "process_cpu_seconds_total")
-            result = drive(target, 1, concurrency, args.requests, payloads)
-            assert not result.failures, f"{name}: {result.failures} failed"
-            rates[name].append(result.requests_per_second)
-            spent = metric_sum(target.base_url, "process_cpu_seconds_total") - before
-            cpu[name].append(spent / args.requests * 1e6)
-    medians = {name: statistics.median(values) for name, values in rates.items()}
-    cpu_medians = {name: statistics.median(values) for name, values in cpu.items()}
+    lines = alternating_rounds("follow-up", targets, "plain", args, payloads)
     shadowed = targets["drift+shadow"].base_url
-    lines = [
-        f"follow-up rows=1 c={concurrency}: "
-        + ", ".join(
-            f"{name} {medians[name]:.0f} req/s ({medians[name] / medians['plain']:.2f}x)"
-            for name in variants
-        )
-        + f" (medians of {args.ledger_rounds} alternating rounds; "
-        + "; ".join(f"{n}: {', '.join(f'{r:.0f}' for r in rates[n])}" for n in variants)
-        + ")",
-        "server CPU per request (the whole process, all threads): "
-        + ", ".join(f"{name} {cpu_medians[name]:.0f} µs" for name in variants),
+    return [
+        *lines,
         f"shadow: {metric_sum(shadowed, 'fraud_shadow_scored_total'):.0f} transactions scored, "
         f"{metric_sum(shadowed, 'fraud_shadow_not_scored_total'):.0f} not scored",
     ]
-    return lines
+
+
+def alternating_rounds(
+    label: str,
+    targets: dict[str, Target],
+    baseline: str,
+    args: argparse.Namespace,
+    payloads: list[dict],
+    around: Callable[[str, Callable[[], None]], None] = lambda name, run: run(),
+) -> list[str]:
+    """c=8 single-row throughput of live servers that differ in one setting, driven in
+    turn for `--ledger-rounds` rounds (so a slow spell of the machine hits them all), with
+    each server's own CPU per request; `around(name, run)` wraps each measurement."""
+    for target in targets.values():
+        settled_engine(target.base_url)
+    rates: dict[str, list[float]] = {name: [] for name in targets}
+    cpu: dict[str, list[float]] = {name: [] for name in targets}
+    concurrency = max(args.concurrency)
+    for _ in range(args.ledger_rounds):
+        for name, target in targets.items():
+
+            def run(name: str = name, target: Target = target) -> None:
+                before = metric_sum(target.base_url, "process_cpu_seconds_total")
+                result = drive(target, 1, concurrency, args.requests, payloads)
+                assert not result.failures, f"{label} {name}: {result.failures} failed"
+                rates[name].append(result.requests_per_second)
+                spent = metric_sum(target.base_url, "process_cpu_seconds_total") - before
+                cpu[name].append(spent / args.requests * 1e6)
+
+            around(name, run)
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    return [
+        f"{label} rows=1 c={concurrency}: "
+        + ", ".join(
+            f"{name} {medians[name]:.0f} req/s ({medians[name] / medians[baseline]:.2f}x)"
+            for name in targets
+        )
+        + f" (medians of {args.ledger_rounds} alternating rounds; "
+        + "; ".join(f"{n}: {', '.join(f'{r:.0f}' for r in rates[n])}" for n in targets)
+        + ")",
+        "server CPU per request (the whole process, all threads): "
+        + ", ".join(f"{name} {statistics.median(cpu[name]):.0f} µs" for name in targets),
+    ]
 
 
 def full_run(args: argparse.Namespace, payloads: list[dict]) -> int:
